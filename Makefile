@@ -1,0 +1,32 @@
+# Quick start: `make demo` and `make test`. Both create .venv and install what they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned: 2.13.0 is the small CPU wheel these machines carry; anything else pulls a CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test venv test-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-base: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-base
+	$(BIN)/pip install -q $(TORCH) -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-dev
+	$(BIN)/infgen demo --output outputs/demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,94 @@
+"""Safe, strict checkpoint I/O: config.json + safetensors, never unpickling.
+
+A checkpoint directory is self-describing: `config.json` says what to build, `model.safetensors` holds
+the tensors. Loading is strict and reports every missing, unexpected or misshaped tensor by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, or torch.save's zip container
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message says which file and what was expected."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; a checkpoint directory needs {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .safetensors file; refuse pickles and anything else with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; expected a .safetensors weights file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(_PICKLE_MAGIC):
+        raise CheckpointError(f"{path} looks like a pickle / torch.save file; infgen never unpickles "
+                              "weights. Convert it to safetensors (safetensors.torch.save_file).")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], source: str) -> None:
+    """Strict comparison of key sets and shapes; one error listing every problem."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    misshaped = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(got[k].shape)}"
+                 for k in sorted(set(expected) & set(got)) if expected[k].shape != got[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if misshaped:
+        problems.append(f"misshaped tensors {misshaped[:8]}{' ...' if len(misshaped) > 8 else ''}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model built from its config: " + "; ".join(problems))

@@ -1,0 +1,237 @@
+"""InfGen: decode a latent of any size into an image of any size in one pass.
+
+    latent z (B, C, h, w) ──Linear──► latent tokens + INPE(latent grid) ──► self-attention blocks
+                                                                               │ K/V (once per decode)
+    mask tokens: learned vector + INPE(output grid) + scale ─► cross-attn + MLP blocks
+                 one per 8x8 output cell, (ceil(H/8), ceil(W/8))                │
+                                                   conv decoder (x8, local) ◄──┘ ─► crop to (H, W)
+
+`decode` is the one entry point that the CLI, evaluation, benchmarks, demo and diffusers adapter call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes,
+                         atomic_save_safetensors, check_state_dict, load_safetensors, read_json)
+from .config import DEFAULT_MAX_PIXELS, InfGenConfig
+from .layers import INPE, ConvDecoder, CrossBlock, SelfBlock, grid_coords, window_indices
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations per tile when chunk_size is None
+
+
+@dataclass
+class LatentContext:
+    """What the mask tokens need from a latent; computed once per decode and shared by every tile."""
+    kv: list[tuple[Tensor, Tensor]]  # per cross block: (B, heads, h*w, Dh) each
+    h: int
+    w: int
+
+
+class InfGen(nn.Module):
+    def __init__(self, config: InfGenConfig):
+        super().__init__()
+        if not isinstance(config, InfGenConfig):
+            raise TypeError(f"InfGen expects an InfGenConfig, got {type(config).__name__}")
+        self.config = c = config
+        D = c.hidden_size
+        self.inpe = INPE(c.fourier_features, c.fourier_scale, c.inpe_hidden, D, seed=c.fourier_seed)
+        self.latent_in = nn.Linear(c.latent_channels, D)
+        self.latent_blocks = nn.ModuleList(SelfBlock(D, c.num_heads, c.mlp_ratio) for _ in range(c.latent_depth))
+        self.mask_token = nn.Parameter(torch.zeros(D))
+        self.scale_in = nn.Linear(2, D) if c.scale_embed else None
+        self.blocks = nn.ModuleList(CrossBlock(D, c.num_heads, c.mask_mlp_ratio) for _ in range(c.depth))
+        self.norm_out = nn.LayerNorm(D)
+        self.decoder = ConvDecoder(D, c.decoder_channels, c.decoder_blocks)
+        # Halo (in 8x8 cells) that covers the decoder's receptive field, plus one cell for nearest-upsample
+        # alignment: a tile decoded with this halo equals the full decode.
+        self.halo = math.ceil(self.decoder.radius_px / 8) + 1
+        self.gradient_checkpointing = False
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latent_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_in.weight.device
+
+    # -- the two halves of a decode -------------------------------------------------------------------
+    def context(self, z: Tensor) -> LatentContext:
+        """Latent tokens -> self-attention -> per-block K/V. z: (B, C, h, w) raw latents."""
+        c = self.config
+        B, C, h, w = z.shape
+        z = (z.to(self.dtype) - c.shift_factor) * c.scaling_factor              # VAE's unit-variance space
+        coords = grid_coords(torch.arange(h, device=z.device), torch.arange(w, device=z.device), 1.0, h, w)
+        x = self.latent_in(z.flatten(2).transpose(1, 2)) + self.inpe(coords)  # (B, h*w, D)
+        for block in self.latent_blocks:
+            x = self._run(block, x)
+        return LatentContext([blk.kv(x) for blk in self.blocks], h, w)
+
+    def render(self, ctx: LatentContext, height: int, width: int, rows: tuple[int, int],
+               cols: tuple[int, int]) -> Tensor:
+        """Pixels of the 8x8 cells rows[0]:rows[1], cols[0]:cols[1] of an (height, width) output.
+
+        Returns (B, 3, <=8*n_rows, <=8*n_cols), unclamped, cropped at the image's bottom/right edge.
+        The cells are decoded with a halo of `self.halo` cells (clipped at the image border), so the
+        result equals the same region of a full decode.
+        """
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        r0, r1 = max(rows[0] - self.halo, 0), min(rows[1] + self.halo, gh)
+        c0, c1 = max(cols[0] - self.halo, 0), min(cols[1] + self.halo, gw)
+        dev = self.device
+        ri, ci = torch.arange(r0, r1, device=dev), torch.arange(c0, c1, device=dev)
+        B = ctx.kv[0][0].shape[0]
+        q = self.mask_token + self.inpe(grid_coords(ri, ci, 8.0, height, width))  # (n, D)
+        if self.scale_in is not None:
+            # log of output cells per latent cell on each axis: tells the tokens how much detail to add
+            s = torch.tensor([math.log(gh / ctx.h), math.log(gw / ctx.w)], device=dev, dtype=self.dtype)
+            q = q + self.scale_in(s)
+        x = q.expand(B, -1, -1)                                                # (B, n, D)
+        window = None
+        if self.config.attn_window:
+            window = window_indices(ri, ci, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window)
+        for block, (k, v) in zip(self.blocks, ctx.kv):
+            x = self._run(block, x, k, v, window)
+        x = self.norm_out(x).transpose(1, 2).reshape(B, -1, r1 - r0, c1 - c0)  # (B, D, nr, nc)
+        img = self.decoder(x.contiguous())                                      # (B, 3, 8 nr, 8 nc)
+        top, left = 8 * (rows[0] - r0), 8 * (cols[0] - c0)
+        bottom = min(8 * rows[1], height) - 8 * r0
+        right = min(8 * cols[1], width) - 8 * c0
+        return img[:, :, top:bottom, left:right]
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    # -- training entry point -------------------------------------------------------------------------
+    def forward(self, z: Tensor, height: int, width: int, region: tuple[int, int, int, int] | None = None) -> Tensor:
+        """Differentiable decode for training: unclamped (B, 3, H, W), or only `region`.
+
+        region = (top, left, rows, cols) in 8x8 cells: renders just that crop of the (height, width)
+        output, at a cost independent of the full size; pixels [8*top : 8*(top+rows)] x [...] of the image.
+        """
+        ctx = self.context(z)
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        top, left, nr, nc = region if region is not None else (0, 0, gh, gw)
+        return self.render(ctx, height, width, (top, top + nr), (left, left + nc))
+
+    # -- the decode path everything calls -------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, latents: Tensor, height: int, width: int, chunk_size: int | None = None, *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+               progress: bool = False) -> Tensor:
+        """Decode raw (unscaled) latents (B, C, h, w) to images (B, 3, height, width) in [-1, 1].
+
+        chunk_size: side of a tile in 8x8 output cells; None picks the largest tile whose activations fit
+        `memory_budget` bytes. Any tiling gives the same result as a single-tile decode.
+        max_pixels: refuse outputs above this many pixels per image (None lifts the cap).
+        """
+        self._check_latents(latents)
+        height, width = check_size(height, width, max_pixels)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
+        ctx = self.context(latents.to(self.device))
+        out = torch.empty(latents.shape[0], 3, height, width, dtype=self.dtype, device=self.device)
+        tiles = [(r, c) for r in range(0, gh, tile) for c in range(0, gw, tile)]
+        bar = _progress(len(tiles), progress)
+        for r, c in tiles:
+            pix = self.render(ctx, height, width, (r, min(r + tile, gh)), (c, min(c + tile, gw)))
+            out[:, :, 8 * r: 8 * r + pix.shape[2], 8 * c: 8 * c + pix.shape[3]] = pix.clamp_(-1, 1)
+            bar.update(1)
+        bar.close()
+        return out
+
+    def bytes_per_cell(self, batch: int) -> int:
+        """Rough activation bytes per 8x8 output cell during a render (transformer + decoder)."""
+        c = self.config
+        elem = torch.finfo(self.dtype).bits // 8
+        k = c.attn_window ** 2 if c.attn_window else 0
+        tokens = c.hidden_size * (6 + c.mask_mlp_ratio + 2 * k)                # q, x, mlp, gathered K/V
+        ch = c.decoder_channels
+        conv = sum(4 ** i * ch[i] * 3 for i in range(4)) + 4 ** 3 * ch[2]      # ~3 live maps per level
+        return int(batch * elem * (tokens + conv))
+
+    def auto_chunk_size(self, batch: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+        cells = max(memory_budget // self.bytes_per_cell(batch), 1)
+        return max(int(math.isqrt(cells)) - 2 * self.halo, 8)
+
+    def _check_latents(self, z) -> None:
+        if not isinstance(z, Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(z).__name__}")
+        if z.ndim != 4:
+            raise ValueError(f"latents must have shape (B, C, h, w), got {z.ndim} dims {tuple(z.shape)}")
+        B, C, h, w = z.shape
+        if C != self.config.latent_channels:
+            raise ValueError(f"latents have {C} channels, this model expects latent_channels="
+                             f"{self.config.latent_channels} (shape {tuple(z.shape)})")
+        if B < 1 or h < 1 or w < 1:
+            raise ValueError(f"latents must be non-empty, got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"latents must be a floating-point tensor, got {z.dtype}")
+        if not bool(torch.isfinite(z).all()):  # note: a sync point, cheap next to the decode
+            raise ValueError("latents contain NaN or Inf values")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(self.state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt", "class": "InfGen"})
+        atomic_write_bytes(path / CONFIG_NAME, self.config.to_json().encode())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "InfGen":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            config = InfGenConfig.from_dict(read_json(path / CONFIG_NAME))
+        except TypeError as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+        model = cls(config)
+        state = load_safetensors(path / WEIGHTS_NAME)
+        check_state_dict(model.state_dict(), state, str(path / WEIGHTS_NAME))
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+
+def check_size(height, width, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Validate an output size; returns (height, width) as ints."""
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(f"output size {width}x{height} = {height * width} pixels exceeds the cap of "
+                         f"{max_pixels} pixels; pass max_pixels=None (CLI: --max-pixels) to lift it")
+    return int(height), int(width)
+
+
+def _progress(total: int, enabled: bool):
+    if enabled and total > 1:
+        try:
+            from tqdm.auto import tqdm
+            return tqdm(total=total, desc="decode", unit="tile")
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
