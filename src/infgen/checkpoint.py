@@ -67,8 +67,9 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; expected a .safetensors weights file")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header's "{"
+    if head[8:9] != b"{" and head.startswith(_PICKLE_MAGIC):
         raise CheckpointError(f"{path} looks like a pickle / torch.save file; infgen never unpickles "
                               "weights. Convert it to safetensors (safetensors.torch.save_file).")
     try:

@@ -6,7 +6,6 @@ keys so a typo in a config file is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -86,9 +85,6 @@ class InfGenConfig:
         if unknown:
             raise ValueError(f"unknown InfGen config keys {unknown}; expected a subset of {sorted(known)}")
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 PRESETS: dict[str, dict] = {

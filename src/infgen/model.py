@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,18 +190,21 @@ class InfGen(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(self.state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt", "class": "InfGen"})
-        atomic_write_bytes(path / CONFIG_NAME, self.config.to_json().encode())
+        cfg = {"_class_name": "InfGen", **self.config.to_dict()}
+        atomic_write_bytes(path / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True).encode())
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "InfGen":
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path} is not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raw = read_json(path / CONFIG_NAME)
+        name = raw.pop("_class_name", "InfGen")
+        if name != "InfGen":
+            raise CheckpointError(f"{path} holds a {name} checkpoint, expected an InfGen checkpoint")
         try:
-            config = InfGenConfig.from_dict(read_json(path / CONFIG_NAME))
-        except TypeError as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
-        except ValueError as e:
+            config = InfGenConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
         model = cls(config)
         state = load_safetensors(path / WEIGHTS_NAME)

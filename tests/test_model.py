@@ -1,0 +1,275 @@
+"""Core contract of the InfGen decoder: shapes, exact tiled decoding, INPE, checkpoints, bad input."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from infgen import InfGen, InfGenConfig
+from infgen.checkpoint import CheckpointError
+from infgen.layers import grid_coords
+
+SIZES = [(1, 1), (17, 33), (64, 48), (1080, 1920)]
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_output_shape_and_range(tiny, height, width):
+    out = tiny.decode(torch.randn(1, 4, 8, 8), height, width)
+    assert out.shape == (1, 3, height, width)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+
+
+@pytest.mark.parametrize("latent_hw,size", [((5, 9), (40, 72)), ((12, 4), (31, 100)), ((1, 1), (8, 8)),
+                                            ((96 // 8, 168 // 8), (45, 77))])
+def test_non_square_latents_and_batches(tiny, latent_hw, size):
+    out = tiny.decode(torch.randn(2, 4, *latent_hw), *size)
+    assert out.shape == (2, 3, *size)
+
+
+def test_latent_4x96x168_small_preset_shape():
+    model = InfGen(InfGenConfig.preset("small")).eval()
+    assert 5e6 <= model.num_parameters() <= 20e6
+    out = model.decode(torch.randn(1, 4, 96, 168), 40, 70)
+    assert out.shape == (1, 3, 40, 70)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_global"])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_decode_equals_plain(request, fixture, chunk):
+    model = request.getfixturevalue(fixture)
+    z = torch.randn(2, 4, 6, 9)
+    plain = model.decode(z, 61, 93, chunk_size=10_000)   # one tile = the plain decode
+    chunked = model.decode(z, 61, 93, chunk_size=chunk)
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
+    # and the plain decode is the training forward, clamped
+    with torch.no_grad():
+        torch.testing.assert_close(model(z, 61, 93).clamp(-1, 1), plain, rtol=0, atol=1e-5)
+
+
+def test_auto_chunking_with_small_budget_is_exact(tiny):
+    z = torch.randn(1, 4, 4, 4)
+    plain = tiny.decode(z, 100, 140, chunk_size=10_000)
+    budget = tiny.bytes_per_cell(1) * (tiny.halo * 2 + 8) ** 2  # forces tiles of 8 cells
+    assert tiny.auto_chunk_size(1, budget) == 8
+    torch.testing.assert_close(tiny.decode(z, 100, 140, memory_budget=budget), plain, rtol=0, atol=1e-5)
+
+
+def test_region_render_equals_crop_of_full(tiny):
+    z = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        full = tiny(z, 75, 90)
+        part = tiny(z, 75, 90, region=(3, 4, 6, 7))            # cells 3..9 x 4..11 (clipped at 75 px)
+    torch.testing.assert_close(part, full[:, :, 24:72, 32:88], rtol=0, atol=1e-5)
+
+
+def test_same_physical_coordinate_same_inpe(tiny):
+    # token i of an 8-cell grid and token 3i+1 of a 24-cell grid have the same centre: (i + 0.5) / 8
+    a = grid_coords(torch.arange(8), torch.arange(8), 8.0, 64, 64).view(8, 8, 2)
+    b = grid_coords(torch.arange(24), torch.arange(24), 8.0, 192, 192).view(24, 24, 2)
+    idx = torch.arange(8) * 3 + 1
+    torch.testing.assert_close(a, b[idx][:, idx])
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.inpe(a), tiny.inpe(b[idx][:, idx]))
+    # latent grid (cell 1, extent h) and output grid (cell 8, extent 8h) agree too
+    lat = grid_coords(torch.arange(8), torch.arange(8), 1.0, 8, 8)
+    torch.testing.assert_close(lat, a.reshape(-1, 2))
+    # non-multiple-of-8 sizes: coordinates are measured against the final extent, not the padded grid
+    c = grid_coords(torch.arange(3), torch.arange(1), 8.0, 20, 8)
+    torch.testing.assert_close(c[:, 0], torch.tensor([4 / 20, 12 / 20, 20 / 20]))
+
+
+def test_inpe_distinguishes_positions(tiny):
+    coords = grid_coords(torch.arange(16), torch.arange(16), 1.0, 16, 16)
+    with torch.no_grad():
+        emb = tiny.inpe(coords)
+    d = torch.cdist(emb, emb) + torch.eye(len(emb)) * 1e9
+    assert d.min() > 0
+
+
+def test_bf16_decode_close_to_fp32(tiny):
+    z = torch.randn(1, 4, 4, 6)
+    ref = tiny.decode(z, 33, 47)
+    model16 = InfGen(tiny.config).eval()
+    model16.load_state_dict(tiny.state_dict())
+    out = model16.to(torch.bfloat16).decode(z, 33, 47, chunk_size=2)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().mean() < 0.05
+
+
+def test_backward_gives_finite_gradients_for_every_parameter():
+    model = InfGen(InfGenConfig.preset("tiny")).train()
+    out = model(torch.randn(2, 4, 4, 4), 40, 24)
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(1)
+    model = InfGen(InfGenConfig.preset("tiny")).train()
+    z = torch.randn(1, 4, 4, 4)
+    model(z, 32, 32).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    model(z, 32, 32).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+def test_save_load_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = InfGen.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == tiny.config
+    z = torch.randn(1, 4, 3, 5)
+    torch.testing.assert_close(loaded.decode(z, 23, 41), tiny.decode(z, 23, 41), rtol=0, atol=0)
+
+
+def _corrupt(tiny, tmp_path, edit):
+    tiny.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+
+
+def test_strict_load_fails_on_renamed_key(tiny, tmp_path):
+    _corrupt(tiny, tmp_path, lambda s: s.__setitem__("mask_tokenX", s.pop("mask_token")))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['mask_token'\].*unexpected tensors \['mask_tokenX'\]"):
+        InfGen.from_pretrained(tmp_path)
+
+
+def test_strict_load_fails_on_misshaped_key(tiny, tmp_path):
+    _corrupt(tiny, tmp_path, lambda s: s.__setitem__("mask_token", torch.zeros(7)))
+    with pytest.raises(CheckpointError, match=r"mask_token: expected \(32,\), got \(7,\)"):
+        InfGen.from_pretrained(tmp_path)
+
+
+def test_strict_load_fails_on_extra_key(tiny, tmp_path):
+    _corrupt(tiny, tmp_path, lambda s: s.__setitem__("extra.weight", torch.zeros(1)))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['extra.weight'\]"):
+        InfGen.from_pretrained(tmp_path)
+
+
+def test_unknown_config_key_is_an_error(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hiden_size"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown InfGen config keys \\['hiden_size'\\]"):
+        InfGen.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="hiden_size"):
+        InfGenConfig.from_dict({"hiden_size": 3})
+
+
+def test_pickle_is_refused_never_unpickled(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="pickle"):
+        InfGen.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        InfGen.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        InfGen.from_pretrained(tmp_path)
+
+
+def test_state_dict_key_snapshot(tiny):
+    """Renaming or reshaping a parameter breaks every saved checkpoint: it must be a deliberate change.
+    Regenerate tests/snapshots/tiny_state_dict.json only together with a checkpoint migration."""
+    snapshot = json.loads((Path(__file__).parent / "snapshots" / "tiny_state_dict.json").read_text())
+    assert {k: list(v.shape) for k, v in tiny.state_dict().items()} == snapshot
+    assert "mask_token" in snapshot and "inpe.fourier_matrix" in snapshot  # B travels with the weights
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("z,err,match", [
+    (torch.randn(4, 8, 8), ValueError, "shape \\(B, C, h, w\\), got 3 dims"),
+    (torch.randn(1, 3, 8, 8), ValueError, "3 channels, this model expects latent_channels=4"),
+    (torch.full((1, 4, 2, 2), float("nan")), ValueError, "NaN or Inf"),
+    (torch.full((1, 4, 2, 2), float("inf")), ValueError, "NaN or Inf"),
+    (torch.zeros(1, 4, 2, 2, dtype=torch.long), TypeError, "floating-point"),
+    (torch.zeros(1, 4, 0, 2), ValueError, "non-empty"),
+    ([[1.0]], TypeError, "torch.Tensor, got list"),
+])
+def test_bad_latents(tiny, z, err, match):
+    with pytest.raises(err, match=match):
+        tiny.decode(z, 16, 16)
+
+
+@pytest.mark.parametrize("h,w,err,match", [
+    (0, 16, ValueError, "height must be >= 1, got 0"),
+    (16, -3, ValueError, "width must be >= 1, got -3"),
+    (16.0, 16, TypeError, "height must be an int, got 16.0"),
+    (16, "16", TypeError, "width must be an int"),
+    (True, 16, TypeError, "height must be an int"),
+    (16385, 16385, ValueError, "exceeds the cap"),
+])
+def test_bad_sizes(tiny, h, w, err, match):
+    with pytest.raises(err, match=match):
+        tiny.decode(torch.randn(1, 4, 2, 2), h, w)
+
+
+def test_pixel_cap_is_configurable(tiny):
+    with pytest.raises(ValueError, match="exceeds the cap of 100 pixels"):
+        tiny.decode(torch.randn(1, 4, 2, 2), 11, 10, max_pixels=100)
+    assert tiny.decode(torch.randn(1, 4, 2, 2), 11, 10, max_pixels=None).shape == (1, 3, 11, 10)
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 2.5])
+def test_bad_chunk_size(tiny, chunk):
+    with pytest.raises(ValueError, match="chunk_size"):
+        tiny.decode(torch.randn(1, 4, 2, 2), 16, 16, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(hidden_size=30, num_heads=4), "divisible"),
+    (dict(attn_window=2), "odd"),
+    (dict(decoder_channels=(8, 8)), "4 positive ints"),
+    (dict(depth=0), "depth must be >= 1"),
+    (dict(scaling_factor=float("nan")), "finite"),
+])
+def test_bad_config(overrides, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        InfGenConfig.preset("tiny", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown InfGen preset 'huge'"):
+        InfGenConfig.preset("huge")
+
+
+def test_presets_build():
+    for name, lo, hi in [("tiny", 1e4, 1e6), ("small", 5e6, 20e6)]:
+        n = InfGen(InfGenConfig.preset(name)).num_parameters()
+        assert lo <= n <= hi, (name, n)
+    base16 = InfGenConfig.preset("base-16ch")
+    assert base16.latent_channels == 16 and 768 <= base16.hidden_size <= 1024
+    assert 12 <= base16.depth + base16.latent_depth <= 16
+
+
+@pytest.mark.parametrize("cmd", [["infgen", "--help"], [sys.executable, "-m", "infgen", "--help"]])
+def test_cli_help(cmd):
+    if cmd[0] == "infgen":
+        cmd[0] = str(__import__("pathlib").Path(sys.executable).parent / "infgen")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "decode" in res.stdout and "train" in res.stdout and "upscale" in res.stdout
