@@ -19,3 +19,18 @@ def tiny() -> InfGen:
 def tiny_global() -> InfGen:
     torch.manual_seed(0)
     return InfGen(InfGenConfig.preset("tiny", attn_window=0)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A bundle directory (infgen/ + codec/ + bundle.json) with tiny random weights, like the shipped one."""
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    from infgen.codecs import AutoencoderCodec
+    from infgen.pipeline import BundleInfo, InfGenPipeline
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bundle")
+    pipe = InfGenPipeline(InfGen(InfGenConfig.preset("tiny")), AutoencoderCodec(KLAutoencoder(AutoencoderConfig.preset("tiny"))),
+                          BundleInfo(train_latent=8, max_scale=2.0, window_margin=2))
+    pipe.save_pretrained(path)
+    return path

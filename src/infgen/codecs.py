@@ -33,6 +33,9 @@ class LatentCodec(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def save_pretrained(self, path) -> None:
+        raise NotImplementedError
+
 
 class AutoencoderCodec(LatentCodec):
     """The project's own KLAutoencoder. Posterior mean by default (deterministic latents)."""
@@ -52,6 +55,9 @@ class AutoencoderCodec(LatentCodec):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return self.autoencoder.decode(latents.to(self.device)).clamp(-1, 1)
+
+    def save_pretrained(self, path) -> None:
+        self.autoencoder.save_pretrained(path)
 
 
 class DiffusersVAECodec(LatentCodec):
@@ -74,6 +80,9 @@ class DiffusersVAECodec(LatentCodec):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         return self.vae.decode(latents.to(self.device, self.vae.dtype)).sample.float().clamp(-1, 1)
+
+    def save_pretrained(self, path) -> None:
+        self.vae.save_pretrained(path)
 
 
 def load_codec(spec: str | Path, device: str | torch.device = "cpu", sample: bool = False) -> LatentCodec:

@@ -1,0 +1,211 @@
+"""InfGenPipeline: a latent codec (frozen encoder + native decoder) and an InfGen decoder, as one object.
+
+    pipe = InfGenPipeline.from_pretrained()            # bundled default; or a directory / hub id
+    z = pipe.encode(images)                            # (B, 3, h, w) in [-1, 1] -> raw latents
+    out = pipe.decode(z, height=H, width=W)            # InfGen at any size
+    big = pipe.upscale(pil_image, height=H, width=W)   # PIL in, PIL out
+
+Beyond what one pass was trained for, `decode` goes through two mechanisms (method.md):
+- window decoding: a latent larger than the training latents is cut into overlapping windows, each decoded
+  as its own image (so it looks like a training example) and blended with linear ramps, so cost stays
+  linear in output pixels and no seams show;
+- training-free extrapolation: an output scale above the trained range is reached in steps of at most
+  `max_step_scale`: decode, re-encode with the frozen encoder, decode bigger.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import CheckpointError, atomic_write_bytes, read_json
+from .codecs import LatentCodec, load_codec
+from .config import DEFAULT_MAX_PIXELS
+from .model import InfGen, _progress, check_size
+
+DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default"
+BUNDLE_NAME = "bundle.json"
+
+
+@dataclass
+class BundleInfo:
+    """What a bundle knows about its training; it sets when windows and extrapolation kick in."""
+    train_latent: int = 32          # side of the training latents (input_size / 8)
+    max_scale: float = 4.0          # largest output/latent scale seen in training (out_max / input_size)
+    max_step_scale: float = 2.0     # per-step scale bound of the extrapolation loop
+    window_margin: int = 4          # latent cells of context on each side of a window
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BundleInfo":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CheckpointError(f"unknown {BUNDLE_NAME} keys {unknown}; expected {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+class InfGenPipeline:
+    def __init__(self, model: InfGen, codec: LatentCodec | None = None, info: BundleInfo | None = None):
+        self.model = model.eval()
+        self.codec = codec.eval() if codec is not None else None
+        self.info = info or BundleInfo()
+        if codec is not None and codec.latent_channels != model.config.latent_channels:
+            raise ValueError(f"codec has {codec.latent_channels} latent channels, InfGen expects "
+                             f"{model.config.latent_channels}")
+
+    # -- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "InfGenPipeline":
+        """path: None (the bundled default), a bundle directory, or a hub id holding one."""
+        path = Path(DEFAULT_BUNDLE if path is None else path)
+        if not path.exists() and len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
+            from huggingface_hub import snapshot_download  # users with internet; never in tests
+            path = Path(snapshot_download(str(path)))
+        if not (path / "infgen").is_dir():
+            raise CheckpointError(f"{path} is not an infgen bundle: expected {path}/infgen/ (an InfGen "
+                                  f"checkpoint), {path}/codec/ and {path}/{BUNDLE_NAME}")
+        model = InfGen.from_pretrained(path / "infgen", device=device)
+        codec = load_codec(path / "codec", device=device) if (path / "codec").is_dir() else None
+        info = BundleInfo.from_dict(read_json(path / BUNDLE_NAME)) if (path / BUNDLE_NAME).is_file() else None
+        return cls(model, codec, info)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path / "infgen")
+        if self.codec is not None:
+            self.codec.save_pretrained(path / "codec")
+        atomic_write_bytes(path / BUNDLE_NAME, json.dumps(asdict(self.info), indent=2).encode())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- encode ------------------------------------------------------------------------------------------
+    def _require_codec(self) -> LatentCodec:
+        if self.codec is None:
+            raise ValueError("this pipeline has no codec (encoder); load a bundle with a codec/ directory")
+        return self.codec
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor, tile: int = 512) -> Tensor:
+        """Images (B, 3, h, w) in [-1, 1] -> raw latents (B, C, ceil(h/8), ceil(w/8)).
+
+        Large images are encoded in tiles of `tile` px with a 64 px halo, aligned to 8 px, so memory stays
+        bounded (exact for the bundled local autoencoder; a good approximation for GroupNorm VAEs)."""
+        codec = self._require_codec()
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B, 3, h, w) tensor, got {getattr(images, 'shape', type(images))}")
+        B, _, h, w = images.shape
+        if h * w <= tile * tile:
+            return codec.encode(images)
+        halo = 64  # > the bundled autoencoder encoder's receptive radius (46 px): tiles are exact
+        lh, lw = math.ceil(h / 8), math.ceil(w / 8)
+        out = None
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                y0, x0 = max(y - halo, 0), max(x - halo, 0)
+                crop = images[:, :, y0: min(y + tile + halo, h), x0: min(x + tile + halo, w)]
+                z = codec.encode(crop)
+                if out is None:
+                    out = torch.empty(B, z.shape[1], lh, lw, dtype=z.dtype, device=z.device)
+                ty, tx = (y - y0) // 8, (x - x0) // 8
+                ny, nx = math.ceil(min(tile, h - y) / 8), math.ceil(min(tile, w - x) / 8)
+                out[:, :, y // 8: y // 8 + ny, x // 8: x // 8 + nx] = z[:, :, ty: ty + ny, tx: tx + nx]
+        return out
+
+    # -- decode ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, latents: Tensor, height: int, width: int, *, chunk_size: int | None = None,
+               extrapolate: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False) -> Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, height, width) in [-1, 1]; the path every tool calls."""
+        self.model._check_latents(latents)
+        height, width = check_size(height, width, max_pixels)
+        h, w = latents.shape[-2:]
+        scale = max(height / (8 * h), width / (8 * w))
+        if extrapolate and scale > self.info.max_scale * 1.001 and self.codec is not None:
+            steps = math.ceil(math.log(scale) / math.log(self.info.max_step_scale) - 1e-9)
+            for k in range(1, steps):
+                f = scale ** (k / steps) / scale  # intermediate size as a fraction of the final one
+                hk, wk = max(round(height * f), 1), max(round(width * f), 1)
+                image = self._decode_once(latents, hk, wk, chunk_size, progress)
+                latents = self.encode(image)
+        return self._decode_once(latents, height, width, chunk_size, progress)
+
+    def _decode_once(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
+        h, w = z.shape[-2:]
+        core = self.info.train_latent
+        if h <= core + 2 * self.info.window_margin and w <= core + 2 * self.info.window_margin:
+            return self.model.decode(z, height, width, chunk_size, max_pixels=None, progress=progress)
+        return self._decode_windows(z, height, width, chunk_size, progress)
+
+    def _decode_windows(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
+        """Overlapping latent windows, each decoded as its own image, blended with linear ramps."""
+        B, _, h, w = z.shape
+        core, m = self.info.train_latent, self.info.window_margin
+        sy, sx = height / h, width / w                                    # output px per latent cell
+        out = torch.zeros(B, 3, height, width, dtype=torch.float32, device=self.device)
+        weight = torch.zeros(1, 1, height, width, dtype=torch.float32, device=self.device)
+        ys, xs = _window_starts(h, core), _window_starts(w, core)
+        bar = _progress(len(ys) * len(xs), progress)
+        for y in ys:
+            for x in xs:
+                ly0, ly1 = max(y - m, 0), min(y + core + m, h)            # latent window with context
+                lx0, lx1 = max(x - m, 0), min(x + core + m, w)
+                py0, py1 = round(ly0 * sy), round(ly1 * sy)               # its box in output pixels
+                px0, px1 = round(lx0 * sx), round(lx1 * sx)
+                if py1 <= py0 or px1 <= px0:
+                    continue
+                tile = self.model.decode(z[:, :, ly0:ly1, lx0:lx1], py1 - py0, px1 - px0, chunk_size, max_pixels=None)
+                ramp = _ramp(py1 - py0, round(m * sy), ly0 > 0, ly1 < h)[:, None] * \
+                    _ramp(px1 - px0, round(m * sx), lx0 > 0, lx1 < w)[None, :]
+                ramp = ramp.to(out.device)
+                out[:, :, py0:py1, px0:px1] += tile.float() * ramp
+                weight[:, :, py0:py1, px0:px1] += ramp
+                bar.update(1)
+        bar.close()
+        return (out / weight.clamp_min(1e-8)).clamp_(-1, 1).to(self.model.dtype)
+
+    # -- PIL convenience -----------------------------------------------------------------------------------
+    def upscale(self, image: Image.Image, height: int, width: int, **kwargs) -> Image.Image:
+        """Re-render a PIL image at (height, width): encode at its own size, decode at the new one."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"upscale expects a PIL.Image, got {type(image).__name__}")
+        x = pil_to_tensor(image).to(self.device)
+        z = self.encode(x)
+        return tensor_to_pil(self.decode(z, height, width, **kwargs)[0])
+
+
+def _window_starts(n: int, core: int) -> list[int]:
+    count = max(math.ceil(n / core), 1)
+    step = n / count
+    return [round(i * step) for i in range(count)] if count > 1 else [0]
+
+
+def _ramp(n: int, margin: int, fade_start: bool, fade_end: bool) -> Tensor:
+    """1-D blending weights: linear ramps over `margin` px on sides that overlap a neighbour."""
+    r = torch.ones(n)
+    margin = max(min(margin, n // 2), 1)
+    ramp = (torch.arange(margin) + 0.5) / margin
+    if fade_start:
+        r[:margin] = ramp
+    if fade_end:
+        r[n - margin:] = torch.minimum(r[n - margin:], ramp.flip(0))
+    return r
+
+
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """PIL (any mode) -> (1, 3, h, w) float in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_pil(x: Tensor) -> Image.Image:
+    """(3, h, w) in [-1, 1] -> RGB PIL image (rounded, not truncated)."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)

@@ -1,0 +1,744 @@
+"""`infgen train`: train InfGen (or the project's small KL autoencoder) from one CPU to many GPUs.
+
+    infgen train --config configs/cpu-small.yaml --data data/photos [--output DIR] [--max-steps N]
+                 [--resume] [--set optim.lr=1e-4 --set data.batch_size=8 ...]
+    accelerate launch --multi_gpu --num_processes 8 -m infgen train --config configs/paper-stage1.yaml ...
+
+One function, `train`, holds the whole loop in the spirit of DiT's and nanoGPT's train.py: accelerate
+(DDP, bf16 autocast on GPU), AdamW with linear warm-up + cosine decay, EMA weights (the exported model),
+gradient clipping, L1 + perceptual + PatchGAN hinge losses (losses.py), atomic checkpoints that resume
+exactly, SIGTERM/SIGINT -> finish the step, checkpoint, exit 0.
+
+Output directory:
+    config.yaml            the resolved configuration of the run
+    metrics.jsonl          one JSON object per log_every steps (losses, lr, s/step, data stats)
+    samples/step-*.png     preview grids (every sample_every steps)
+    checkpoints/step-*/    model/ema/discriminator .safetensors, optimizer .pt (tensors only, loaded with
+                           weights_only=True), rng-rank*.json, trainer.json (step, config)
+    final/                 the EMA model, save_pretrained format (InfGen or KLAutoencoder)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .autoencoder import AutoencoderConfig, KLAutoencoder
+from .checkpoint import atomic_save_safetensors, atomic_write_bytes, check_state_dict, load_safetensors, read_json
+from .config import InfGenConfig
+from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from .model import InfGen
+from .perceptual import BACKENDS, PerceptualLoss
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: dataclasses, loaded from YAML; unknown keys are errors that name the key.
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "small"            # InfGenConfig / AutoencoderConfig preset name
+    overrides: dict = field(default_factory=dict)  # fields of that config, e.g. {depth: 4}
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None        # folder of images, or webdataset shards 'shards/{000000..000099}.tar'
+    root: str | None = None          # passed through to make_loader
+    preview_source: str | None = None  # images for preview grids / autoencoder latent statistics (default: source)
+    input_size: int = 256            # side of the square crop the codec encodes
+    out_min: int = 256               # target sizes: both sides in [out_min, out_max] (InfGen only)
+    out_max: int = 1024
+    aspect_ratios: list = field(default_factory=lambda: [1.0])  # width / height of the random crops
+    batch_size: int = 4              # per process
+    num_workers: int = 2
+
+    def __post_init__(self):
+        for name in ("input_size", "out_min", "out_max", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.out_min > self.out_max:
+            raise ValueError(f"data.out_min ({self.out_min}) must be <= data.out_max ({self.out_max})")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not self.aspect_ratios or not all(isinstance(a, (int, float)) and a > 0 for a in self.aspect_ratios):
+            raise ValueError(f"data.aspect_ratios must be a non-empty list of positive numbers, got {self.aspect_ratios!r}")
+        self.aspect_ratios = [float(a) for a in self.aspect_ratios]
+
+
+@dataclass
+class LossConfig:
+    perceptual: str = "vgg19"        # vgg19 (offline VGG19 feature distance) | lpips (optional package) | none
+    perceptual_weight: float = 0.1   # lambda_P (paper: 0.1 with LPIPS)
+    gan_weight: float = 0.1          # lambda_G (paper: 0.1); 0 disables the discriminator entirely
+    gan_start: int = 0               # generator GAN term and discriminator updates start at this step
+    max_d_weight: float = 1e4        # clamp of the adaptive weight
+    kl_weight: float = 1e-6          # autoencoder only
+    disc_layers: int = 3             # PatchGAN depth (3: ~70 px patches)
+    disc_channels: int = 64
+    disc_norm: str = "group"         # group | none (no BatchNorm: DDP-safe)
+
+    def __post_init__(self):
+        if self.perceptual not in BACKENDS:
+            raise ValueError(f"loss.perceptual must be one of {list(BACKENDS)}, got {self.perceptual!r}")
+        for name in ("perceptual_weight", "gan_weight", "kl_weight", "gan_start", "max_d_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_norm not in ("group", "none"):
+            raise ValueError(f"loss.disc_norm must be 'group' or 'none', got {self.disc_norm!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4                 # peak learning rate (paper: cosine 2e-4 -> 1e-5)
+    min_lr: float = 1e-5
+    warmup_steps: int = 1000         # linear warm-up from 0
+    decay_steps: int | None = None   # cosine horizon; None: train.max_steps
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.01       # on matrices and conv kernels only (nanoGPT)
+    grad_clip: float = 1.0           # max global grad norm; 0 disables
+    disc_lr: float | None = None     # discriminator (constant); None: lr
+    ema_decay: float = 0.999         # ramps up as min(decay, (1 + step) / (10 + step))
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps < 1):
+            raise ValueError(f"optim.warmup_steps must be >= 0 and decay_steps >= 1, got {self.warmup_steps}, {self.decay_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500          # preview grid; 0 disables (one is still written at the end)
+    keep_checkpoints: int = 3        # newest N kept
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"    # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    cpu: bool = False                # force the CPU even if a GPU is present
+    preview_sizes: list = field(default_factory=list)  # [[h, w], ...]; [] derives them from data.*
+    stats_batches: int = 4           # preview batches for the autoencoder's latent mean / std
+    debug_rank_weights: bool = False  # tests: every rank writes its final weights to debug/rank<r>.safetensors
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
+            raise ValueError("train.max_steps must be >= 0, log_every and ckpt_every >= 1, sample_every >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        for s in self.preview_sizes:
+            if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s)):
+                raise ValueError(f"train.preview_sizes entries must be [height, width], got {s!r}")
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "infgen"             # infgen | autoencoder
+    output: str = "runs/train"
+    seed: int = 0
+    codec: str | None = None         # infgen: frozen codec (autoencoder dir, diffusers VAE dir or hub id)
+    render_cells: int = 16           # infgen: render a random render_cells^2 region of 8x8 cells per step
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        if self.kind not in ("infgen", "autoencoder"):
+            raise ValueError(f"kind must be 'infgen' or 'autoencoder', got {self.kind!r}")
+        if self.render_cells < 1:
+            raise ValueError(f"render_cells must be >= 1, got {self.render_cells}")
+        if self.kind == "autoencoder" and self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing is implemented for kind: infgen only")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; ints pass as floats, '2e-4' strings (YAML 1.1) as floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if tp is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif (origin or tp) is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif (origin or tp) is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise ValueError(f"config key {key!r} must be {name}, got {value!r}")
+
+
+def _build(cls, raw, prefix: str = ""):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '(top level)'!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {prefix + str(key)!r}; expected one of {names}")
+        tp = hints[key]
+        kwargs[key] = _build(tp, value, f"{prefix}{key}.") if dataclasses.is_dataclass(tp) else _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def parse_set(item: str) -> tuple[list[str], object]:
+    """'optim.lr=1e-4' -> (['optim', 'lr'], 1e-4); the value is parsed as YAML (numbers, lists, null)."""
+    import yaml
+    key, sep, value = item.partition("=")
+    if not sep or not key or not all(key.split(".")):
+        raise ValueError(f"--set expects key.sub=value, got {item!r}")
+    return key.split("."), yaml.safe_load(value) if value else ""
+
+
+def load_config(path: str | Path | None = None, sets: list[str] = (), **top: object) -> TrainConfig:
+    """Read a YAML config, apply `--set` overrides, then the CLI shortcuts in `top` (dotted keys -> values)."""
+    import yaml
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise OSError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a YAML mapping, got {type(raw).__name__}")
+    items = [parse_set(s) for s in sets] + [(k.split("."), v) for k, v in top.items() if v is not None]
+    for keys, value in items:
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ValueError(f"--set {'.'.join(keys)}: {k!r} is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return _build(TrainConfig, raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers: schedule, EMA, RNG state, checkpoints, previews.
+
+
+def lr_at(step: int, o: OptimConfig, max_steps: int) -> float:
+    """Linear warm-up to o.lr, then cosine decay to o.min_lr at the horizon, then constant (nanoGPT)."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    horizon = o.decay_steps or max_steps
+    t = min((step - o.warmup_steps) / max(horizon - o.warmup_steps, 1), 1.0)
+    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (o.lr - o.min_lr)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_p = [p for p in ema.parameters()]
+    model_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *[v.item() if hasattr(v, "item") else v for v in np_state[2:]]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Previews and exports must not perturb the training RNG streams (resume reproducibility)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory appears under its final name only when complete)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_torch_tensors(obj: dict, path: Path) -> None:
+    """torch.save for optimizer state only (nested dicts of tensors and numbers: weights_only-loadable)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_torch_tensors(path: Path, device) -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    state = load_safetensors(path)
+    check_state_dict(module.state_dict(), state, str(path))
+    module.load_state_dict(state, strict=True)
+
+
+def to_pil(img: Tensor):
+    from PIL import Image
+    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def save_grid(path: Path, panels: list[tuple[str, Tensor]], max_height: int = 384) -> None:
+    """Panels (label, (3, h, w) in [-1, 1]) side by side, each shrunk to at most max_height, labelled."""
+    from PIL import Image, ImageDraw
+    images = []
+    for label, img in panels:
+        im = to_pil(img)
+        if im.height > max_height:
+            im = im.resize((max(1, round(im.width * max_height / im.height)), max_height), Image.BICUBIC)
+        images.append((label, im))
+    pad, text_h = 8, 16
+    width = sum(im.width for _, im in images) + pad * (len(images) + 1)
+    height = max(im.height for _, im in images) + text_h + 2 * pad
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, x = ImageDraw.Draw(grid), pad
+    for label, im in images:
+        draw.text((x, pad // 2), label, fill=(0, 0, 0))
+        grid.paste(im, (x, pad + text_h))
+        x += im.width + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def default_preview_sizes(d: DataConfig) -> list[tuple[int, int]]:
+    """Square, 16:9 and 9:16 at the smallest target area, and the largest square."""
+    m, sizes = d.out_min, []
+    for ar in (1.0, 16 / 9, 9 / 16):
+        sizes.append((max(8, round(m / math.sqrt(ar))), max(8, round(m * math.sqrt(ar)))))
+    sizes.append((d.out_max, d.out_max))
+    return sizes
+
+
+def _stats_dict(stats) -> dict:
+    if stats is None:
+        return {}
+    if isinstance(stats, dict):
+        return dict(stats)
+    return {k: v for k, v in vars(stats).items() if not k.startswith("_")} if hasattr(stats, "__dict__") else {"stats": str(stats)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop.
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train according to `cfg`; returns the directory of the exported EMA model (OUTPUT/final)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+
+    from .data import make_loader
+
+    T, D, L, O = cfg.train, cfg.data, cfg.loss, cfg.optim
+    if D.source is None:
+        raise ValueError("no training data: pass --data PATH (folder of images or webdataset shards) or set data.source")
+    if cfg.kind == "infgen" and not cfg.codec:
+        raise ValueError("kind: infgen needs `codec:` (an autoencoder directory, diffusers VAE directory or hub id)")
+    use_cpu = T.cpu or not torch.cuda.is_available()
+    precision = ("no" if use_cpu else "bf16") if T.mixed_precision == "auto" else T.mixed_precision
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # EMA, the adaptive GAN weight (a last-layer gradient) and the checkpoints here assume every rank holds
+        # whole parameters. The presets (<= ~150M parameters) train comfortably under DDP.
+        raise ValueError("FSDP is not supported by infgen train yet; launch with DDP (accelerate launch --multi_gpu)")
+    rank, world, is_main, device = (accelerator.process_index, accelerator.num_processes,
+                                    accelerator.is_main_process, accelerator.device)
+    out = Path(cfg.output)
+    ckpt_root = out / "checkpoints"
+    checkpoints = list_checkpoints(ckpt_root)
+    if checkpoints and not resume:
+        raise ValueError(f"{out} already holds checkpoints (newest {checkpoints[-1].name}); pass --resume to "
+                         "continue that run, or choose another --output")
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".step-*"):                                # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        import yaml
+        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    accelerator.wait_for_everyone()
+
+    # -- models (same seed on every rank; DDP also broadcasts rank 0's weights) --------------------------
+    seed_all(cfg.seed)
+    codec = None
+    if cfg.kind == "infgen":
+        from .codecs import load_codec
+        codec = load_codec(cfg.codec, device)
+        from_codec = dict(latent_channels=codec.latent_channels, scaling_factor=float(codec.scaling_factor),
+                          shift_factor=float(codec.shift_factor))
+        for k, v in from_codec.items():
+            if k in cfg.model.overrides and cfg.model.overrides[k] != v:
+                raise ValueError(f"model.overrides.{k}={cfg.model.overrides[k]!r} contradicts the codec {cfg.codec} ({k}={v})")
+        model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec}))
+        model.gradient_checkpointing = T.gradient_checkpointing
+    else:
+        model = KLAutoencoder(AutoencoderConfig.preset(cfg.model.preset, **cfg.model.overrides))
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    perceptual = (PerceptualLoss(L.perceptual).to(device)
+                  if L.perceptual_weight > 0 and L.perceptual != "none" else None)
+    disc = (NLayerDiscriminator(3, L.disc_channels, L.disc_layers, L.disc_norm)
+            if L.gan_weight > 0 else None)
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": O.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=O.lr, betas=tuple(O.betas))
+    d_opt = (torch.optim.AdamW(disc.parameters(), lr=O.disc_lr or O.lr, betas=(0.5, 0.9))  # taming's betas
+             if disc is not None else None)
+
+    # -- resume: weights before DDP wraps them, optimizer states after ----------------------------------
+    step, ckpt = 0, None
+    if resume and checkpoints:
+        ckpt = checkpoints[-1]
+        meta = read_json(ckpt / "trainer.json")
+        if meta.get("kind") != cfg.kind:
+            raise ValueError(f"{ckpt} is a kind: {meta.get('kind')} checkpoint, the config says kind: {cfg.kind}")
+        step = int(meta["step"])
+        load_weights(model, ckpt / "model.safetensors")
+        load_weights(ema, ckpt / "ema.safetensors")
+        if disc is not None and (ckpt / "discriminator.safetensors").is_file():
+            load_weights(disc, ckpt / "discriminator.safetensors")
+    elif resume and is_main:
+        print(f"infgen train: no checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
+    ema.to(device)
+    model, opt = accelerator.prepare(model, opt)
+    if disc is not None:
+        disc, d_opt = accelerator.prepare(disc, d_opt)
+    raw_model = accelerator.unwrap_model(model)
+    raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
+    last_layer = raw_model.decoder.conv_out.weight                             # for the adaptive GAN weight
+    if ckpt is not None:
+        opt.load_state_dict(load_torch_tensors(ckpt / "optimizer.pt", device))
+        if d_opt is not None and (ckpt / "disc_optimizer.pt").is_file():
+            d_opt.load_state_dict(load_torch_tensors(ckpt / "disc_optimizer.pt", device))
+
+    # -- data: the stream is a function of (seed, rank, step of the last (re)start or checkpoint) -----------
+    def loader_at(s: int, source: str | None = None, workers: int | None = None, seed_offset: int = 0):
+        target = (D.input_size, D.input_size) if cfg.kind == "autoencoder" else (D.out_min, D.out_max)
+        return make_loader(source or D.source, input_size=D.input_size, out_min=target[0], out_max=target[1],
+                           aspect_ratios=D.aspect_ratios, batch_size=D.batch_size,
+                           num_workers=D.num_workers if workers is None else workers,
+                           seed=(cfg.seed * 1_000_003 + s + seed_offset) % 2**31, rank=rank, world_size=world,
+                           root=D.root)
+
+    preview: list[dict] = []
+    if is_main:                                                                # fixed batches, rank 0 only
+        with preserved_rng():
+            it = iter(loader_at(0, D.preview_source, workers=0, seed_offset=7_777_777))
+            preview = [next(it) for _ in range(max(1, T.stats_batches if cfg.kind == "autoencoder" else 1))]
+            del it
+
+    if ckpt is not None:
+        rng_file = ckpt / f"rng-rank{rank}.json"
+        if rng_file.is_file():
+            set_rng_state(read_json(rng_file))
+        else:  # resumed on a different number of processes: a fresh but deterministic stream
+            seed_all(cfg.seed * 7919 + rank * 104729 + step)
+    else:
+        seed_all(cfg.seed * 7919 + rank * 104729)
+
+    # -- checkpoints and exports --------------------------------------------------------------------------
+    def export() -> Path:
+        """EMA weights -> OUTPUT/final (rank 0). The autoencoder records its latents' mean and 1/std first."""
+        final = out / "final"
+        if cfg.kind == "autoencoder":
+            with torch.no_grad(), preserved_rng():
+                z = torch.cat([ema.encode(b["input"].to(device))[0].float().flatten() for b in preview])
+            ema.config.shift_factor = float(z.mean())
+            ema.config.scaling_factor = float(1.0 / z.std().clamp_min(1e-6))
+        ema.save_pretrained(final)
+        return final
+
+    def save_checkpoint() -> None:
+        final_dir, tmp = ckpt_root / f"step-{step:09d}", ckpt_root / f".step-{step:09d}.tmp"
+        if final_dir.exists():                                                 # already saved at this step
+            return
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        atomic_write_bytes(tmp / f"rng-rank{rank}.json", json.dumps(rng_state()).encode())
+        if is_main:
+            atomic_save_safetensors(raw_model.state_dict(), tmp / "model.safetensors")
+            atomic_save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+            save_torch_tensors(opt.state_dict(), tmp / "optimizer.pt")
+            if disc is not None:
+                atomic_save_safetensors(raw_disc.state_dict(), tmp / "discriminator.safetensors")
+                save_torch_tensors(d_opt.state_dict(), tmp / "disc_optimizer.pt")
+            meta = {"step": step, "kind": cfg.kind, "world_size": world, "lr": lr_at(step, O, T.max_steps),
+                    "time": time.time(), "config": cfg.to_dict()}
+            atomic_write_bytes(tmp / "trainer.json", json.dumps(meta, indent=2).encode())
+        accelerator.wait_for_everyone()
+        if is_main:
+            os.replace(tmp, final_dir)                                         # atomic: complete or absent
+            for old in list_checkpoints(ckpt_root)[:-T.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            export()
+        accelerator.wait_for_everyone()
+
+    def write_preview() -> None:
+        b = preview[0]
+        panels: list[tuple[str, Tensor]] = []
+        with torch.no_grad(), preserved_rng():
+            if cfg.kind == "autoencoder":
+                x = b["input"][:4].to(device)
+                recon = ema.decode(ema.encode(x)[0])[..., : x.shape[-2], : x.shape[-1]]
+                for i in range(x.shape[0]):
+                    panels += [(f"input {i}", x[i]), (f"recon {i}", recon[i])]
+            else:
+                z = codec.encode(b["input"][:1].to(device))
+                tgt = b["target"][0]
+                H, W = tgt.shape[-2:]
+                panels += [(f"input {D.input_size}^2", b["input"][0]), (f"truth {W}x{H}", tgt),
+                           (f"ema {W}x{H}", ema.decode(z, H, W)[0])]
+                for h, w in [tuple(s) for s in T.preview_sizes] or default_preview_sizes(D):
+                    panels.append((f"ema {w}x{h}", ema.decode(z, h, w)[0]))
+        save_grid(out / "samples" / f"step-{step:09d}.png", panels)
+
+    # -- logging --------------------------------------------------------------------------------------------
+    metrics_path = out / "metrics.jsonl"
+    writer = None
+    if is_main:
+        if metrics_path.is_file():                                             # drop lines past the restart
+            keep = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            atomic_write_bytes(metrics_path, "".join(ln + "\n" for ln in keep).encode())
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tensorboard"))
+    bar = tqdm(total=T.max_steps, initial=step, disable=not is_main, desc=f"train {cfg.kind}", unit="step",
+               dynamic_ncols=True)
+
+    # -- SIGTERM / SIGINT: finish the step, checkpoint, exit 0 ----------------------------------------------
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+        signal.signal(signum, signal.SIG_DFL)                                  # a second signal kills
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    loader = loader_at(step)
+    batches = iter(loader)
+    sums: dict[str, float] = {}
+    n_logged, t_steps = 0, 0.0                                                  # step time, without saves
+    try:
+        while step < T.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, O, T.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            gan_on = disc is not None and step >= L.gan_start
+
+            # generator / autoencoder step
+            if cfg.kind == "infgen":
+                with torch.no_grad():
+                    z = codec.encode(batch["input"].to(device))                 # (B, C, h, w) raw latents
+                target = batch["target"].to(device)                            # (B, 3, H, W)
+                H, W = target.shape[-2:]
+                gh, gw = math.ceil(H / 8), math.ceil(W / 8)
+                rows, cols = min(cfg.render_cells, gh), min(cfg.render_cells, gw)
+                top, left = random.randint(0, gh - rows), random.randint(0, gw - cols)
+                target = target[:, :, 8 * top: 8 * (top + rows), 8 * left: 8 * (left + cols)]
+                pred = model(z, H, W, region=(top, left, rows, cols))          # same crop, clipped at edges
+                extra = {}
+            else:
+                target = batch["input"].to(device)
+                pred, mean, logvar = model(target)
+                kl = KLAutoencoder.kl_loss(mean.float(), logvar.float())
+                extra = {"kl": kl.detach()}
+            with accelerator.autocast():
+                rec, parts = reconstruction_loss(pred.float(), target.float(), perceptual, L.perceptual_weight)
+            loss = rec + (L.kl_weight * kl if cfg.kind == "autoencoder" else 0.0)
+            parts.update(extra)
+            if gan_on:
+                raw_disc.requires_grad_(False)                                 # D is a fixed critic here
+                with accelerator.autocast():
+                    g_loss = hinge_g_loss(raw_disc(pred.float()).float())
+                d_weight = adaptive_weight(rec, g_loss, last_layer, L.max_d_weight)
+                raw_disc.requires_grad_(True)
+                loss = loss + L.gan_weight * d_weight * g_loss
+                parts.update(g_loss=g_loss.detach(), d_weight=d_weight)
+            accelerator.backward(loss)
+            if O.grad_clip > 0:
+                parts["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), O.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            # discriminator step: real crops vs detached reconstructions, one forward (GroupNorm is per sample)
+            if gan_on:
+                with accelerator.autocast():
+                    logits = disc(torch.cat([target, pred.detach()]).float()).float()
+                real, fake = logits.chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+                accelerator.backward(d_loss)
+                if O.grad_clip > 0:
+                    accelerator.clip_grad_norm_(disc.parameters(), O.grad_clip)
+                d_opt.step()
+                d_opt.zero_grad(set_to_none=True)
+                parts.update(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
+
+            update_ema(ema, raw_model, min(O.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            bar.update(1)
+            t_steps += time.perf_counter() - t0
+
+            # logging (rank 0's own numbers: no cross-rank sync)
+            parts["loss"] = loss.detach()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)                          # note: sync point
+            n_logged += 1
+            if is_main and (step % T.log_every == 0 or step == T.max_steps):
+                dt = t_steps / n_logged
+                rec_ = {"step": step, **{k: v / n_logged for k, v in sums.items()}, "lr": lr,
+                        "s_per_step": dt, "it_s": 1.0 / dt, "images_per_s": D.batch_size * world / dt,
+                        "target_hw": list(batch["target"].shape[-2:]) if cfg.kind == "infgen" else None,
+                        "data": _stats_dict(getattr(loader, "stats", None))}
+                if perceptual is not None and "perceptual" in rec_:
+                    rec_[perceptual.name] = rec_.pop("perceptual")             # vgg19_feat, never 'lpips'
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec_, default=float) + "\n")
+                if writer is not None:
+                    for k, v in rec_.items():
+                        if isinstance(v, float):
+                            writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}", lr=f"{lr:.2e}")
+                sums, n_logged, t_steps = {}, 0, 0.0
+            elif not is_main and step % T.log_every == 0:
+                sums, n_logged, t_steps = {}, 0, 0.0
+
+            if is_main and T.sample_every and step % T.sample_every == 0:
+                write_preview()
+
+            # agree on stopping: a signal may reach the ranks at different steps
+            stopping = stop["flag"]
+            if world > 1:
+                flag = torch.tensor([float(stopping)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # note: sync point
+                stopping = bool(flag.item())
+            if step % T.ckpt_every == 0 or step == T.max_steps or stopping:
+                save_checkpoint()
+                if stopping:
+                    break
+                if step < T.max_steps:                                         # restart the stream at (seed, step)
+                    del batches, loader
+                    loader = loader_at(step)
+                    batches = iter(loader)
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if writer is not None:
+            writer.close()
+
+    final = out / "final"
+    if is_main:
+        if not stop["flag"] and not (T.sample_every and step % T.sample_every == 0):
+            write_preview()
+        final = export()
+    if T.debug_rank_weights:
+        (out / "debug").mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({**{f"model.{k}": v for k, v in raw_model.state_dict().items()},
+                                 **{f"ema.{k}": v for k, v in ema.state_dict().items()}},
+                                out / "debug" / f"rank{rank}.safetensors")
+    accelerator.wait_for_everyone()
+    if is_main and stop["flag"]:
+        print(f"infgen train: stopped by signal at step {step}; resume with --resume", file=sys.stderr)
+    accelerator.end_training()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML training config (see configs/)")
+    parser.add_argument("--data", help="training data: image folder or webdataset shards (sets data.source)")
+    parser.add_argument("--output", help="run directory (sets output)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (sets train.max_steps)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set, **{"data.source": args.data, "output": args.output,
+                                               "train.max_steps": args.max_steps})
+    final = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"infgen train: exported the EMA model to {final}")
+    return 0
