@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = 64_000_000  # the largest source wallpaper is 5120 x 2880; refuse decompression bombs
-
+from .data import to_rgb
 
 @dataclass(frozen=True)
 class Source:
@@ -108,21 +107,6 @@ def find_photos(roots: dict[str, Path] | None = None) -> dict[str, Path]:
 def _area(path: Path) -> int:
     with Image.open(path) as im:
         return im.width * im.height
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode (L, P, RGBA, CMYK, I;16, ...) -> RGB; transparency is composited onto white."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: scale to 8 bits, not clip
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")
 
 
 def dhash(path: Path, size: int = 16) -> np.ndarray:

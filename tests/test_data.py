@@ -1,0 +1,160 @@
+"""Training data: batch shapes, never-upsampling, bad files, webdataset shards, rank sharding, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infgen.cli import main
+from infgen.data import list_images, make_loader, read_split
+
+KW = dict(input_size=32, out_min=32, out_max=64, aspect_ratios=[0.5, 1.0, 2.0], batch_size=3, num_workers=0,
+          seed=0)
+
+
+def noise(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(a, "RGB").convert(mode)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i in range(6):
+        noise(160 + 16 * i, 144, seed=i).save(root / ("sub" if i % 2 else ".") / f"p{i}.jpg", quality=90)
+    noise(150, 170, seed=9).save(root / "q.PNG")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def take(loader, n):
+    return [b for _, b in zip(range(n), loader)]
+
+
+def test_list_images_and_split(photos, tmp_path):
+    files = list_images(photos)
+    assert [p.name for p in files] == ["p0.jpg", "p2.jpg", "p4.jpg", "q.PNG", "p1.jpg", "p3.jpg", "p5.jpg"]
+    split = tmp_path / "train.txt"
+    split.write_text("# comment\np0.jpg\n\nsub/p1.jpg\n")
+    assert read_split(split, photos) == [photos / "p0.jpg", photos / "sub" / "p1.jpg"]
+    batch = take(make_loader(split, root=photos, **KW), 1)[0]
+    assert set(batch["key"]) <= {str(photos / "p0.jpg"), str(photos / "sub" / "p1.jpg")}
+
+
+def test_batch_shapes_and_ranges(photos):
+    loader = make_loader(photos, **KW)
+    sizes = set()
+    for batch in take(loader, 8):
+        b, c, h, w = batch["target"].shape
+        assert (b, c) == (3, 3) and h % 8 == 0 and w % 8 == 0
+        assert 32 * 32 / 1.5 <= h * w <= 64 * 64 * 1.5, (h, w)  # area in range up to rounding to 8
+        assert batch["input"].shape == (3, 3, 32, 32)
+        for t in (batch["input"], batch["target"]):
+            assert t.dtype == torch.float32 and t.min() >= -1 and t.max() <= 1 and t.max() - t.min() > 1
+        assert len(batch["key"]) == 3
+        sizes.add((h, w))
+    assert len(sizes) > 2  # the size changes from batch to batch
+    assert loader.stats.batches == 8 and loader.stats.loaded == 24
+
+
+def test_never_upsamples(tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    noise(40, 40, seed=1).save(root / "small.png")
+    noise(300, 300, seed=2).save(root / "big.png")
+    loader = make_loader(root, **{**KW, "out_min": 64, "out_max": 96, "aspect_ratios": [1.0]})
+    for batch in take(loader, 4):
+        assert all(k.endswith("big.png") for k in batch["key"])
+    assert loader.stats.skipped_small > 0
+    # a photo exactly the target size can only be the full photo at 1:1: the target IS the photo
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    noise(64, 64, seed=3).save(exact / "a.png")
+    batch = take(make_loader(exact, **{**KW, "out_min": 64, "out_max": 64, "aspect_ratios": [1.0]}), 1)[0]
+    want = torch.from_numpy(np.asarray(noise(64, 64, seed=3))).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(batch["target"][0], want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no usable image"):  # nothing is large enough
+        take(make_loader(exact, **{**KW, "out_min": 96, "out_max": 96}), 1)
+
+
+def test_bad_files_are_converted_or_skipped_and_counted(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    good = noise(120, 100, seed=4)
+    good.save(root / "rgb.jpg")
+    good.convert("L").save(root / "grey.jpg")
+    good.convert("CMYK").save(root / "cmyk.jpg")
+    good.convert("P").save(root / "palette.png")
+    alpha = good.convert("RGBA")
+    alpha.putalpha(128)
+    alpha.save(root / "alpha.png")
+    Image.fromarray((np.asarray(good.convert("L"), dtype=np.uint16) * 257), "I;16").save(root / "deep16.png")
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.jpg").write_text("hello, not a jpeg")
+    (root / "garbage.webp").write_bytes(np.random.default_rng(0).bytes(5000))
+    good.save(root / "full.jpg")
+    (root / "truncated.jpg").write_bytes((root / "full.jpg").read_bytes()[:600])
+    (root / "full.jpg").unlink()
+    loader = make_loader(root, **{**KW, "batch_size": 4, "aspect_ratios": [1.0], "out_max": 48})
+    batches = take(loader, 12)
+    seen = {k.rsplit("/", 1)[1] for b in batches for k in b["key"]}
+    assert seen == {"rgb.jpg", "grey.jpg", "cmyk.jpg", "palette.png", "alpha.png", "deep16.png"}
+    stats = loader.stats
+    assert stats.skipped_corrupt == 4  # empty, text, garbage, truncated: once each
+    assert stats.converted > 0 and stats.loaded == 48
+    for b in batches:
+        assert b["target"].shape[:2] == (4, 3) and b["target"].abs().max() <= 1
+
+
+def test_no_usable_image_names_the_path(tmp_path):
+    root = tmp_path / "junk"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"")
+    (root / "b.png").write_text("nope")
+    with pytest.raises(ValueError, match="junk"):
+        make_loader(root, **KW)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        make_loader(tmp_path / "empty", **KW)
+
+
+def test_webdataset_shards_round_trip(photos, tmp_path, capsys):
+    pattern = str(tmp_path / "shards" / "train-%06d.tar")
+    assert main(["data", "shards", str(photos), pattern, "--per-shard", "3"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert shards == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]  # 7 images, 3 per shard
+    loader = make_loader(str(tmp_path / "shards" / "train-{000000..000002}.tar"), **KW)
+    keys = set()
+    for batch in take(loader, 6):
+        assert batch["input"].shape == (3, 3, 32, 32) and batch["target"].shape[:2] == (3, 3)
+        keys |= set(batch["key"])
+    assert keys == {"00000000_p0", "00000001_p2", "00000002_p4", "00000003_q", "00000004_sub_p1",
+                    "00000005_sub_p3", "00000006_sub_p5"}
+    assert loader.stats.skipped_corrupt == 0
+
+
+def test_ranks_see_different_photos(photos):
+    keys = []
+    for rank in (0, 1):
+        loader = make_loader(photos, **KW, rank=rank, world_size=2)
+        keys.append({k for b in take(loader, 4) for k in b["key"]})
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+
+
+def test_deterministic_resume_and_workers(photos):
+    full = take(make_loader(photos, **KW), 5)
+    again = take(make_loader(photos, **KW, num_workers=0), 5)
+    resumed = take(make_loader(photos, **KW, start=2), 3)
+    workers = take(make_loader(photos, **{**KW, "num_workers": 2}), 5)
+    other_seed = take(make_loader(photos, **{**KW, "seed": 1}), 5)
+    for a, b, c in zip(full, again, workers):
+        torch.testing.assert_close(a["target"], b["target"])
+        torch.testing.assert_close(a["target"], c["target"])
+        assert a["key"] == c["key"]
+    for a, b in zip(full[2:], resumed):
+        torch.testing.assert_close(a["target"], b["target"])
+        torch.testing.assert_close(a["input"], b["input"])
+    assert any(a["target"].shape != b["target"].shape or not torch.equal(a["target"], b["target"])
+               for a, b in zip(full, other_seed))

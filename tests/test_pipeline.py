@@ -1,0 +1,92 @@
+"""InfGenPipeline: bundles, tiled encode, window decoding and training-free extrapolation."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from infgen.checkpoint import CheckpointError
+from infgen.pipeline import InfGenPipeline, _ramp, _window_starts, pil_to_tensor, tensor_to_pil
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return InfGenPipeline.from_pretrained(tiny_bundle)
+
+
+def test_bundle_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    again = InfGenPipeline.from_pretrained(tmp_path)
+    z = torch.randn(1, 4, 5, 6)
+    torch.testing.assert_close(again.decode(z, 50, 60), pipe.decode(z, 50, 60), rtol=0, atol=0)
+    assert again.info == pipe.info
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(CheckpointError, match="not an infgen bundle"):
+        InfGenPipeline.from_pretrained(tmp_path)
+
+
+def test_tiled_encode_equals_full_encode(pipe):
+    x = torch.rand(1, 3, 300, 260) * 2 - 1
+    full = pipe.encode(x, tile=10_000)
+    assert full.shape == (1, 4, 38, 33)
+    torch.testing.assert_close(pipe.encode(x, tile=64), full, rtol=0, atol=1e-5)
+
+
+def test_small_latent_decodes_in_one_pass_equal_to_model(pipe):
+    z = torch.randn(2, 4, 8, 10)                     # within train_latent + margins: one pass
+    torch.testing.assert_close(pipe.decode(z, 77, 91), pipe.model.decode(z, 77, 91), rtol=0, atol=0)
+
+
+def test_window_decode_shape_and_continuity(pipe):
+    z = torch.randn(1, 4, 30, 41)                    # larger than the tiny bundle's 8-cell training latent
+    out = pipe.decode(z, 240, 328)
+    assert out.shape == (1, 3, 240, 328)
+    assert torch.isfinite(out).all() and out.abs().max() <= 1
+
+
+def test_window_blend_weights_cover_every_pixel():
+    for n, core in [(30, 8), (8, 8), (9, 8), (100, 32)]:
+        starts = _window_starts(n, core)
+        assert starts[0] == 0 and starts[-1] + core >= n
+        assert all(b - a <= core for a, b in zip(starts, starts[1:]))
+    r = _ramp(20, 5, True, True)
+    assert r.min() > 0 and r.max() == 1 and r[0] < r[4] and r[-1] < r[-5]
+
+
+def test_extrapolation_reaches_exact_size_through_reencoding(pipe, monkeypatch):
+    z = torch.randn(1, 4, 4, 5)
+    sizes = []
+    original = pipe._decode_once
+    monkeypatch.setattr(pipe, "_decode_once", lambda z, h, w, *a: sizes.append((h, w)) or original(z, h, w, *a))
+    out = pipe.decode(z, 250, 300)                   # scale 7.8 > max_scale 2: steps of <= 2x
+    assert out.shape == (1, 3, 250, 300)
+    assert sizes[-1] == (250, 300) and len(sizes) == 3
+    assert all(b[0] / a[0] <= 2.01 for a, b in zip(sizes, sizes[1:]))
+    sizes.clear()
+    assert pipe.decode(z, 250, 300, extrapolate=False).shape == (1, 3, 250, 300)
+    assert sizes == [(250, 300)]
+
+
+def test_upscale_pil(pipe):
+    img = Image.new("RGB", (50, 34), (200, 10, 30))
+    out = pipe.upscale(img, 68, 100)
+    assert out.size == (100, 68) and out.mode == "RGB"
+    with pytest.raises(TypeError, match="PIL.Image"):
+        pipe.upscale(torch.zeros(3, 4, 4), 8, 8)
+
+
+def test_pil_tensor_round_trip():
+    img = Image.fromarray((torch.rand(7, 9, 3) * 255).to(torch.uint8).numpy())
+    x = pil_to_tensor(img)
+    assert x.shape == (1, 3, 7, 9) and x.min() >= -1 and x.max() <= 1
+    assert (np.asarray(tensor_to_pil(x[0])) == np.asarray(img)).all()
+
+
+def test_bad_sizes_and_latents_through_pipeline(pipe):
+    with pytest.raises(ValueError, match="height must be >= 1"):
+        pipe.decode(torch.randn(1, 4, 4, 4), 0, 10)
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.decode(torch.full((1, 4, 4, 4), float("nan")), 10, 10)
+    with pytest.raises(ValueError, match="\\(B, 3, h, w\\)"):
+        pipe.encode(torch.zeros(1, 4, 8, 8))
