@@ -78,6 +78,24 @@ class InfGen(nn.Module):
             x = self._run(block, x)
         return LatentContext([blk.kv(x) for blk in self.blocks], h, w)
 
+    def tokens(self, ctx: LatentContext, height: int, width: int, rows: Tensor, cols: Tensor) -> Tensor:
+        """Transformer half: features of the mask tokens of cells rows x cols (index tensors): (B, n, D)."""
+        dev = self.device
+        B = ctx.kv[0][0].shape[0]
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        q = self.mask_token + self.inpe(grid_coords(rows, cols, 8.0, height, width))  # (n, D)
+        if self.scale_in is not None:
+            # log of output cells per latent cell on each axis: tells the tokens how much detail to add
+            s = torch.tensor([math.log(gh / ctx.h), math.log(gw / ctx.w)], device=dev, dtype=self.dtype)
+            q = q + self.scale_in(s)
+        x = q.expand(B, -1, -1)                                                # (B, n, D)
+        window = None
+        if self.config.attn_window:
+            window = window_indices(rows, cols, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window)
+        for block, (k, v) in zip(self.blocks, ctx.kv):
+            x = self._run(block, x, k, v, window)
+        return self.norm_out(x)                                                # (B, n, D)
+
     def render(self, ctx: LatentContext, height: int, width: int, rows: tuple[int, int],
                cols: tuple[int, int]) -> Tensor:
         """Pixels of the 8x8 cells rows[0]:rows[1], cols[0]:cols[1] of an (height, width) output.
@@ -89,21 +107,9 @@ class InfGen(nn.Module):
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
         r0, r1 = max(rows[0] - self.halo, 0), min(rows[1] + self.halo, gh)
         c0, c1 = max(cols[0] - self.halo, 0), min(cols[1] + self.halo, gw)
-        dev = self.device
-        ri, ci = torch.arange(r0, r1, device=dev), torch.arange(c0, c1, device=dev)
-        B = ctx.kv[0][0].shape[0]
-        q = self.mask_token + self.inpe(grid_coords(ri, ci, 8.0, height, width))  # (n, D)
-        if self.scale_in is not None:
-            # log of output cells per latent cell on each axis: tells the tokens how much detail to add
-            s = torch.tensor([math.log(gh / ctx.h), math.log(gw / ctx.w)], device=dev, dtype=self.dtype)
-            q = q + self.scale_in(s)
-        x = q.expand(B, -1, -1)                                                # (B, n, D)
-        window = None
-        if self.config.attn_window:
-            window = window_indices(ri, ci, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window)
-        for block, (k, v) in zip(self.blocks, ctx.kv):
-            x = self._run(block, x, k, v, window)
-        x = self.norm_out(x).transpose(1, 2).reshape(B, -1, r1 - r0, c1 - c0)  # (B, D, nr, nc)
+        ri, ci = torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device)
+        x = self.tokens(ctx, height, width, ri, ci)                            # (B, nr*nc, D)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, r1 - r0, c1 - c0)        # (B, D, nr, nc)
         img = self.decoder(x.contiguous())                                      # (B, 3, 8 nr, 8 nc)
         top, left = 8 * (rows[0] - r0), 8 * (cols[0] - c0)
         bottom = min(8 * rows[1], height) - 8 * r0
