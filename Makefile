@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: 2.13.0 is the small CPU wheel these machines carry; anything else pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv test-deps clean
+.PHONY: demo test venv browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,13 @@ venv: $(VENV)/.installed-base
 demo: $(VENV)/.installed-dev
 	$(BIN)/infgen demo --output outputs/demo
 
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+# The demo-page test drives a real headless Chromium (Debian's package; as root, or with sudo).
+browser:
+	@test -x /usr/bin/chromium || (apt-get install -y --no-install-recommends chromium || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium))
+
+test: $(VENV)/.installed-dev browser
+	INFGEN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
