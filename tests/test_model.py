@@ -273,3 +273,13 @@ def test_cli_help(cmd):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "decode" in res.stdout and "train" in res.stdout and "upscale" in res.stdout
+
+
+def test_saved_files_have_normal_permissions(tiny, tmp_path):
+    import os
+    import stat
+    tiny.save_pretrained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ["config.json", "model.safetensors"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
