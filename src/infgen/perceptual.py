@@ -115,6 +115,8 @@ class PerceptualLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown perceptual backend {backend!r}; expected one of {list(BACKENDS)}")
+        if backend != "vgg19" and tuple(layers) != DEFAULT_LAYERS:
+            raise ValueError(f"perceptual layers can only be chosen for the 'vgg19' backend, not {backend!r}")
         self.backend = backend
         self.net: nn.Module | None = None
         if backend == "vgg19":

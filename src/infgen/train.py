@@ -56,6 +56,8 @@ from .perceptual import BACKENDS, PerceptualLoss
 class ModelConfig:
     preset: str = "small"            # InfGenConfig / AutoencoderConfig preset name
     overrides: dict = field(default_factory=dict)  # fields of that config, e.g. {depth: 4}
+    init_from: str | None = None     # a save_pretrained directory (e.g. stage 1's final/): its architecture
+                                     # and weights replace preset/overrides (stage 2 fine-tuning)
 
 
 @dataclass
@@ -87,6 +89,9 @@ class DataConfig:
 class LossConfig:
     perceptual: str = "vgg19"        # vgg19 (offline VGG19 feature distance) | lpips (optional package) | none
     perceptual_weight: float = 0.1   # lambda_P (paper: 0.1 with LPIPS)
+    perceptual_layers: list = field(default_factory=list)  # vgg19 taps; [] = relu1_2 .. relu5_4 (5 layers).
+                                     # VGG19 dominates a CPU step: ~12.7 GFLOP forward per 128^2 image with
+                                     # all five, ~4.9 up to block3_relu2
     gan_weight: float = 0.1          # lambda_G (paper: 0.1); 0 disables the discriminator entirely
     gan_start: int = 0               # generator GAN term and discriminator updates start at this step
     max_d_weight: float = 1e4        # clamp of the adaptive weight
@@ -138,6 +143,7 @@ class LoopConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"    # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     cpu: bool = False                # force the CPU even if a GPU is present
+    cpu_threads: int = 0             # torch intra-op threads per process; 0 keeps torch's default
     preview_sizes: list = field(default_factory=list)  # [[h, w], ...]; [] derives them from data.*
     stats_batches: int = 4           # preview batches for the autoencoder's latent mean / std
     debug_rank_weights: bool = False  # tests: every rank writes its final weights to debug/rank<r>.safetensors
@@ -145,6 +151,8 @@ class LoopConfig:
     def __post_init__(self):
         if self.max_steps < 0 or self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
             raise ValueError("train.max_steps must be >= 0, log_every and ckpt_every >= 1, sample_every >= 0")
+        if self.cpu_threads < 0:
+            raise ValueError(f"train.cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -172,6 +180,8 @@ class TrainConfig:
             raise ValueError(f"kind must be 'infgen' or 'autoencoder', got {self.kind!r}")
         if self.render_cells < 1:
             raise ValueError(f"render_cells must be >= 1, got {self.render_cells}")
+        if self.model.init_from and self.model.overrides:
+            raise ValueError("model.init_from takes the architecture from that checkpoint; remove model.overrides")
         if self.kind == "autoencoder" and self.train.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing is implemented for kind: infgen only")
 
@@ -386,6 +396,8 @@ def _stats_dict(stats) -> dict:
         return {}
     if isinstance(stats, dict):
         return dict(stats)
+    if hasattr(stats, "as_dict"):
+        return stats.as_dict()
     return {k: v for k, v in vars(stats).items() if not k.startswith("_")} if hasattr(stats, "__dict__") else {"stats": str(stats)}
 
 
@@ -407,6 +419,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.kind == "infgen" and not cfg.codec:
         raise ValueError("kind: infgen needs `codec:` (an autoencoder directory, diffusers VAE directory or hub id)")
     use_cpu = T.cpu or not torch.cuda.is_available()
+    if T.cpu_threads > 0:
+        torch.set_num_threads(T.cpu_threads)
     precision = ("no" if use_cpu else "bf16") if T.mixed_precision == "auto" else T.mixed_precision
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -440,13 +454,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         for k, v in from_codec.items():
             if k in cfg.model.overrides and cfg.model.overrides[k] != v:
                 raise ValueError(f"model.overrides.{k}={cfg.model.overrides[k]!r} contradicts the codec {cfg.codec} ({k}={v})")
-        model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec}))
+        if cfg.model.init_from:
+            model = InfGen.from_pretrained(cfg.model.init_from).train()
+            got = {k: getattr(model.config, k) for k in from_codec}
+            if got != from_codec:
+                raise ValueError(f"model.init_from {cfg.model.init_from} was trained for latents {got}, "
+                                 f"the codec {cfg.codec} has {from_codec}")
+        else:
+            model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec}))
         model.gradient_checkpointing = T.gradient_checkpointing
+    elif cfg.model.init_from:
+        model = KLAutoencoder.from_pretrained(cfg.model.init_from).train()
     else:
         model = KLAutoencoder(AutoencoderConfig.preset(cfg.model.preset, **cfg.model.overrides))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    perceptual = (PerceptualLoss(L.perceptual).to(device)
-                  if L.perceptual_weight > 0 and L.perceptual != "none" else None)
+    perceptual = None
+    if L.perceptual_weight > 0 and L.perceptual != "none":
+        layers = {"layers": tuple(L.perceptual_layers)} if L.perceptual_layers else {}
+        perceptual = PerceptualLoss(L.perceptual, **layers).to(device)
     disc = (NLayerDiscriminator(3, L.disc_channels, L.disc_layers, L.disc_norm)
             if L.gan_weight > 0 else None)
 
@@ -484,19 +509,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if d_opt is not None and (ckpt / "disc_optimizer.pt").is_file():
             d_opt.load_state_dict(load_torch_tensors(ckpt / "disc_optimizer.pt", device))
 
-    # -- data: the stream is a function of (seed, rank, step of the last (re)start or checkpoint) -----------
-    def loader_at(s: int, source: str | None = None, workers: int | None = None, seed_offset: int = 0):
-        target = (D.input_size, D.input_size) if cfg.kind == "autoencoder" else (D.out_min, D.out_max)
-        return make_loader(source or D.source, input_size=D.input_size, out_min=target[0], out_max=target[1],
+    # -- data: batch k of the stream is a function of (seed, rank, k): make_loader(start=k) resumes it exactly
+    # for folders and split lists; shards only reseed at `start`, so the loader is rebuilt at every checkpoint
+    # (an uninterrupted run and a resumed one then read the same batches either way).
+    def loader_at(start: int, source: str | None = None, workers: int | None = None, seed: int = cfg.seed):
+        sizes = (D.input_size, D.input_size) if cfg.kind == "autoencoder" else (D.out_min, D.out_max)
+        return make_loader(source or D.source, input_size=D.input_size, out_min=sizes[0], out_max=sizes[1],
                            aspect_ratios=D.aspect_ratios, batch_size=D.batch_size,
-                           num_workers=D.num_workers if workers is None else workers,
-                           seed=(cfg.seed * 1_000_003 + s + seed_offset) % 2**31, rank=rank, world_size=world,
-                           root=D.root)
+                           num_workers=D.num_workers if workers is None else workers, seed=seed,
+                           rank=rank, world_size=world, root=D.root, start=start)
 
     preview: list[dict] = []
     if is_main:                                                                # fixed batches, rank 0 only
         with preserved_rng():
-            it = iter(loader_at(0, D.preview_source, workers=0, seed_offset=7_777_777))
+            it = iter(loader_at(0, D.preview_source, workers=0, seed=cfg.seed + 7_777_777))
             preview = [next(it) for _ in range(max(1, T.stats_batches if cfg.kind == "autoencoder" else 1))]
             del it
 
@@ -593,7 +619,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     loader = loader_at(step)
     batches = iter(loader)
     sums: dict[str, float] = {}
-    n_logged, t_steps = 0, 0.0                                                  # step time, without saves
+    n_logged, t_steps, t_data = 0, 0.0, 0.0                                     # step time, without saves
     try:
         while step < T.max_steps:
             t0 = time.perf_counter()
@@ -601,6 +627,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = next(batches)
+            t_data += time.perf_counter() - t0
             gan_on = disc is not None and step >= L.gan_start
 
             # generator / autoencoder step
@@ -656,15 +683,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             bar.update(1)
             t_steps += time.perf_counter() - t0
 
-            # logging (rank 0's own numbers: no cross-rank sync)
+            # logging (rank 0's own numbers: no cross-rank sync; tensors stay on the device until a log line)
             parts["loss"] = loss.detach()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)                          # note: sync point
+                sums[k] = sums.get(k, 0.0) + v
             n_logged += 1
             if is_main and (step % T.log_every == 0 or step == T.max_steps):
                 dt = t_steps / n_logged
-                rec_ = {"step": step, **{k: v / n_logged for k, v in sums.items()}, "lr": lr,
-                        "s_per_step": dt, "it_s": 1.0 / dt, "images_per_s": D.batch_size * world / dt,
+                rec_ = {"step": step, **{k: float(v) / n_logged for k, v in sums.items()}, "lr": lr,
+                        "s_per_step": dt, "data_wait_s": t_data / n_logged, "it_s": 1.0 / dt,
+                        "images_per_s": D.batch_size * world / dt,
                         "target_hw": list(batch["target"].shape[-2:]) if cfg.kind == "infgen" else None,
                         "data": _stats_dict(getattr(loader, "stats", None))}
                 if perceptual is not None and "perceptual" in rec_:
@@ -676,9 +704,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                         if isinstance(v, float):
                             writer.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}", lr=f"{lr:.2e}")
-                sums, n_logged, t_steps = {}, 0, 0.0
+                sums, n_logged, t_steps, t_data = {}, 0, 0.0, 0.0
             elif not is_main and step % T.log_every == 0:
-                sums, n_logged, t_steps = {}, 0, 0.0
+                sums, n_logged, t_steps, t_data = {}, 0, 0.0, 0.0
 
             if is_main and T.sample_every and step % T.sample_every == 0:
                 write_preview()

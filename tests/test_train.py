@@ -1,0 +1,270 @@
+"""`infgen train` end to end on tiny models and tiny random images: single process, exact resume,
+two-process DDP (gloo), SIGTERM / SIGKILL, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from infgen import InfGen
+from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+from infgen.cli import main
+from infgen.train import OptimConfig, load_config, lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads fight for the cores and run ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Six smooth random 96 x 128 photos-to-be (PNG and JPEG)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        small.resize((128, 96), Image.BICUBIC).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def codec_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny autoencoder is a valid (if useless) frozen codec."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("codec")
+    KLAutoencoder(AutoencoderConfig.preset("tiny")).save_pretrained(path)
+    return path
+
+
+def infgen_config(images: Path, codec: Path, **train) -> dict:
+    return {
+        "kind": "infgen", "codec": str(codec), "render_cells": 3, "seed": 0,
+        "model": {"preset": "tiny"},
+        "data": {"source": str(images), "input_size": 32, "out_min": 24, "out_max": 64,
+                 "aspect_ratios": [1.0, 1.7778, 0.5625], "batch_size": 2, "num_workers": 0},
+        "loss": {"perceptual": "vgg19", "perceptual_weight": 0.1, "gan_weight": 0.1, "gan_start": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "decay_steps": 4},
+        "train": {"max_steps": 4, "log_every": 1, "ckpt_every": 2, "sample_every": 0,
+                  "preview_sizes": [[16, 24], [40, 40]], **train},
+    }
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def infgen_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "infgen", *args]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# -- single process -------------------------------------------------------------------------------------
+
+def test_train_autoencoder_then_infgen(tmp_path, images):
+    ae_cfg = {"kind": "autoencoder", "model": {"preset": "tiny"},
+              "data": {"source": str(images), "input_size": 32, "batch_size": 2, "num_workers": 0},
+              "loss": {"perceptual": "none", "gan_weight": 0.0},
+              "optim": {"lr": 1e-3, "warmup_steps": 1},
+              "train": {"max_steps": 2, "log_every": 1, "ckpt_every": 2, "sample_every": 2, "stats_batches": 2}}
+    ae_out = tmp_path / "ae"
+    assert main(["train", "--config", str(write_config(tmp_path / "ae.yaml", ae_cfg)), "--output", str(ae_out)]) == 0
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["kl"]) for m in metrics(ae_out))
+    assert checkpoints(ae_out) == ["step-000000002"]
+    ae = KLAutoencoder.from_pretrained(ae_out / "final")
+    assert ae.config.scaling_factor != 1.0 and ae.config.shift_factor != 0.0  # measured latent statistics
+    assert (ae_out / "samples" / "step-000000002.png").is_file()
+
+    # InfGen on that codec: VGG19 perceptual, GAN from step 1, gradient checkpointing, region rendering
+    cfg = infgen_config(images, ae_out / "final", max_steps=3, gradient_checkpointing=True, sample_every=3)
+    out = tmp_path / "infgen"
+    assert main(["train", "--config", str(write_config(tmp_path / "ig.yaml", cfg)), "--output", str(out)]) == 0
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    for m in logged:
+        assert np.isfinite(m["loss"]) and np.isfinite(m["vgg19_feat"]) and m["vgg19_feat"] > 0
+        assert not any("lpips" in k for k in m)             # the VGG distance is never called LPIPS
+    assert "d_loss" in logged[-1] and np.isfinite(logged[-1]["d_weight"])
+    assert checkpoints(out) == ["step-000000002", "step-000000003"]
+    ckpt = out / "checkpoints" / "step-000000003"
+    assert {"model.safetensors", "ema.safetensors", "optimizer.pt", "discriminator.safetensors",
+            "disc_optimizer.pt", "rng-rank0.json", "trainer.json"} <= {p.name for p in ckpt.iterdir()}
+    torch.load(ckpt / "optimizer.pt", weights_only=True)     # tensors only, no pickled objects
+    model = InfGen.from_pretrained(out / "final")
+    assert model.config.scaling_factor == ae.config.scaling_factor  # latent space recorded from the codec
+    img = model.decode(torch.randn(1, 4, 4, 4), 20, 36)
+    assert img.shape == (1, 3, 20, 36) and torch.isfinite(img).all()
+    assert (out / "samples" / "step-000000003.png").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, images, codec_dir, capsys):
+    config = write_config(tmp_path / "cfg.yaml", infgen_config(images, codec_dir))
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--config", str(config), "--output", str(full)]) == 0
+    assert main(["train", "--config", str(config), "--output", str(split), "--max-steps", "2"]) == 0
+    assert checkpoints(split) == ["step-000000002"]
+    # a second run into the same directory must not silently start over
+    assert main(["train", "--config", str(config), "--output", str(split)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--config", str(config), "--output", str(split), "--resume"]) == 0
+    assert [m["step"] for m in metrics(split)] == [1, 2, 3, 4]
+
+    a, b = full / "checkpoints" / "step-000000004", split / "checkpoints" / "step-000000004"
+    for name in ("model", "ema", "discriminator"):
+        ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=f"{name}.{k}")
+    oa, ob = (torch.load(p / "optimizer.pt", weights_only=True) for p in (a, b))
+    for i, state in oa["state"].items():
+        torch.testing.assert_close(state["exp_avg"], ob["state"][i]["exp_avg"], rtol=0, atol=0)
+    assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(split)]
+
+
+# -- configs and errors -----------------------------------------------------------------------------------
+
+def test_unknown_config_key_is_an_error(tmp_path, images, codec_dir, capsys):
+    cfg = infgen_config(images, codec_dir)
+    cfg["optim"]["learning_rate"] = 1e-3
+    assert main(["train", "--config", str(write_config(tmp_path / "bad.yaml", cfg))]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.learning_rate'" in err and len(err.strip().splitlines()) == 1
+
+    good = write_config(tmp_path / "good.yaml", infgen_config(images, codec_dir))
+    assert main(["train", "--config", str(good), "--set", "loss.gan_wieght=0"]) == 2
+    assert "'loss.gan_wieght'" in capsys.readouterr().err
+    assert main(["train", "--config", str(good), "--set", "train.max_steps=many"]) == 2
+    assert "'train.max_steps' must be int" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_set_overrides_and_yaml_floats(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"optim": {"lr": "2e-4"}, "model": {"overrides": {"depth": 2}}})
+    cfg = load_config(path, ["optim.min_lr=1e-6", "data.aspect_ratios=[1, 2]", "model.overrides.hidden_size=64"],
+                      **{"train.max_steps": 7, "output": None})
+    assert cfg.optim.lr == 2e-4 and cfg.optim.min_lr == 1e-6     # PyYAML reads 2e-4 as a string
+    assert cfg.data.aspect_ratios == [1.0, 2.0] and cfg.train.max_steps == 7
+    assert cfg.model.overrides == {"depth": 2, "hidden_size": 64}
+    with pytest.raises(ValueError, match="out_min"):
+        load_config(None, ["data.out_min=2048", "data.out_max=512"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.kind in ("infgen", "autoencoder")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    o = OptimConfig(lr=2e-4, min_lr=1e-5, warmup_steps=10)
+    assert lr_at(0, o, 110) == pytest.approx(2e-5)
+    assert lr_at(9, o, 110) == pytest.approx(2e-4)
+    assert lr_at(60, o, 110) == pytest.approx((2e-4 + 1e-5) / 2)
+    assert lr_at(110, o, 110) == pytest.approx(1e-5) and lr_at(500, o, 110) == pytest.approx(1e-5)
+
+
+# -- multi-process and signals (subprocesses) -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_identical_weights(tmp_path, images, codec_dir):
+    config = write_config(tmp_path / "cfg.yaml", infgen_config(images, codec_dir, max_steps=3,
+                                                               debug_rank_weights=True))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "infgen", "train", "--config", str(config), "--output", str(out)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "checkpoints" / "step-000000003" / "trainer.json").read_text())["world_size"] == 2
+    r0, r1 = load_file(out / "debug" / "rank0.safetensors"), load_file(out / "debug" / "rank1.safetensors")
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], msg=k)
+    # (the ranks read different batches: without the DDP wrapper this assertion fails; checked by hand)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for a checkpoint")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_sigkill_resumes(tmp_path, images, codec_dir):
+    cfg = infgen_config(images, codec_dir, max_steps=10_000, ckpt_every=2)
+    cfg["loss"]["perceptual"] = "none"
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "run"
+    ckpt_root = out / "checkpoints"
+
+    def newest() -> int:
+        names = [p.name for p in ckpt_root.glob("step-*")] if ckpt_root.is_dir() else []
+        return max((int(n.split("-")[1]) for n in names), default=0)
+
+    # SIGTERM: the step finishes, a checkpoint is written, exit code 0
+    proc = subprocess.Popen(infgen_cmd("train", "--config", str(config), "--output", str(out)),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: newest() >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in err
+    stopped_at = newest()
+    assert stopped_at >= 2 and (out / "final" / "model.safetensors").is_file()
+
+    # SIGKILL mid-run: nothing is saved on the way out; --resume picks up the newest complete checkpoint
+    proc = subprocess.Popen(infgen_cmd("train", "--config", str(config), "--output", str(out), "--resume"),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def last_logged() -> int:
+        try:
+            return metrics(out)[-1]["step"]
+        except (ValueError, IndexError, KeyError, OSError):  # a line being written
+            return 0
+
+    # kill while an odd step is logged but not checkpointed (ckpt_every=2): its line must be dropped on resume
+    _wait_for(lambda: newest() > stopped_at and last_logged() % 2 == 1, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed_at = newest()
+    target = killed_at + 2
+    proc = subprocess.run(infgen_cmd("train", "--config", str(config), "--output", str(out), "--resume",
+                                     "--max-steps", str(target)),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert newest() == target
+    assert not list(ckpt_root.glob(".step-*"))                  # half-written saves were cleaned up
+    assert len(list(ckpt_root.glob("step-*"))) <= 3              # keep_checkpoints
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == target   # no duplicate lines after the restarts
+    InfGen.from_pretrained(out / "final")
