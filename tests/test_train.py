@@ -268,3 +268,22 @@ def test_sigterm_saves_and_sigkill_resumes(tmp_path, images, codec_dir):
     steps = [m["step"] for m in metrics(out)]
     assert steps == sorted(set(steps)) and steps[-1] == target   # no duplicate lines after the restarts
     InfGen.from_pretrained(out / "final")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_data_workers_saves_cleanly(tmp_path, images, codec_dir):
+    """Ctrl-C in a terminal signals the whole process group, DataLoader workers included: the workers must
+    leave the signal to the trainer, which finishes the step, saves and exits 0 (no worker-killed crash)."""
+    cfg = infgen_config(images, codec_dir, max_steps=10_000, ckpt_every=2)
+    cfg["loss"]["perceptual"] = "none"
+    cfg["data"]["num_workers"] = 1
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(infgen_cmd("train", "--config", str(config), "--output", str(out)),
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for(lambda: (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal" in err and "killed by signal" not in err

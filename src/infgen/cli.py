@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("infgen.evaluate", "PSNR/SSIM/KID/patch-FID of InfGen against resize baselines"),
     "bench": ("infgen.bench", "decode latency, memory and FLOP/s against baselines"),
     "serve": ("infgen.serve", "demo web page (gradio)"),
+    "bundle": ("infgen.commands.bundle", "assemble a bundle (InfGen + codec + bundle.json) from trained exports"),
     "demo": ("infgen.commands.demo", "the `make demo` job: decode/upscale samples, write PNGs and timings"),
 }
 

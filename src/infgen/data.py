@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import signal
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -335,13 +336,21 @@ def _expand(urls: str) -> list[str]:
     return list(expand_urls(urls))
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and then stops them.
+    (Ctrl-C or `kill` of the process group would otherwise kill a worker mid-step and crash the trainer.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader:
     """Iterable over batches (infinite); `.stats` sums every worker's counters as batches arrive."""
 
     def __init__(self, dataset: MultiResDataset, num_workers: int):
         self.dataset = dataset
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                                  persistent_workers=num_workers > 0)
+                                                  persistent_workers=num_workers > 0,
+                                                  worker_init_fn=_ignore_stop_signals if num_workers else None)
         self._per_worker: dict[int, dict] = {}
 
     @property

