@@ -30,7 +30,9 @@ def tiny_bundle(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bundle")
-    pipe = InfGenPipeline(InfGen(InfGenConfig.preset("tiny")), AutoencoderCodec(KLAutoencoder(AutoencoderConfig.preset("tiny"))),
+    # the InfGen was "trained" on this codec: the same scaling/shift (as `infgen bundle` requires)
+    pipe = InfGenPipeline(InfGen(InfGenConfig.preset("tiny", scaling_factor=1.0)),
+                          AutoencoderCodec(KLAutoencoder(AutoencoderConfig.preset("tiny"))),
                           BundleInfo(train_latent=8, max_scale=2.0, window_margin=2))
     pipe.save_pretrained(path)
     return path

@@ -348,8 +348,19 @@ def test_default_checkpoint_missing_is_one_line(capsys, tmp_path, z, monkeypatch
     assert_failed(rc, err, tmp_path / "out", "--checkpoint")
 
 
-@pytest.mark.parametrize("cmd", ["decode", "upscale", "demo"])
+@pytest.mark.parametrize("cmd", sorted(__import__("infgen.cli").cli.COMMANDS))
 def test_help(capsys, cmd):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
     assert e.value.code == 0 and "usage: infgen " + cmd in capsys.readouterr().out
+
+
+def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
+    import infgen.commands.decode as decode_cmd
+
+    def boom(args):
+        raise ImportError("No module named 'diffusers'")
+    monkeypatch.setattr(decode_cmd, "run", boom)
+    rc = main(["decode", "x.npy", "--height", "8", "--width", "8", "-o", "y.png"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "optional dependency" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from infgen.losses import (NLayerDiscriminator, adaptive_weight, adopt_weight, hinge_d_loss, hinge_g_loss,
+from infgen.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
                            reconstruction_loss)
 from infgen.perceptual import PerceptualLoss, VGG19Features, load_vgg19_convs, vgg19_weights_path
 
@@ -32,13 +32,6 @@ def test_hinge_d_loss_on_constant_logits(real, fake, expected):
 def test_hinge_g_loss_is_minus_mean_logit():
     torch.testing.assert_close(hinge_g_loss(torch.full((3, 1, 4, 4), 3.0)), torch.tensor(-3.0))
     torch.testing.assert_close(hinge_g_loss(torch.tensor([1.0, -2.0, 4.0])), torch.tensor(-1.0))
-
-
-def test_adopt_weight_delays_start():
-    assert adopt_weight(0.1, step=0, threshold=10) == 0.0
-    assert adopt_weight(0.1, step=9, threshold=10) == 0.0
-    assert adopt_weight(0.1, step=10, threshold=10) == 0.1
-    assert adopt_weight(0.1, step=5, threshold=10, value=0.5) == 0.5
 
 
 def test_adaptive_weight_is_gradient_norm_ratio():

@@ -39,16 +39,17 @@ def test_latent_4x96x168_small_preset_shape():
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_global"])
-@pytest.mark.parametrize("chunk", [1, 2, 5])
+@pytest.mark.parametrize("chunk", [1, 4, 11])
 def test_chunked_decode_equals_plain(request, fixture, chunk):
     model = request.getfixturevalue(fixture)
     z = torch.randn(2, 4, 6, 9)
-    plain = model.decode(z, 61, 93, chunk_size=10_000)   # one tile = the plain decode
-    chunked = model.decode(z, 61, 93, chunk_size=chunk)
+    # 29 x 37 cells: interior tiles whose halo does not reach the image border
+    plain = model.decode(z, 229, 293, chunk_size=10_000)   # one tile = the plain decode
+    chunked = model.decode(z, 229, 293, chunk_size=chunk)
     torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)
     # and the plain decode is the training forward, clamped
     with torch.no_grad():
-        torch.testing.assert_close(model(z, 61, 93).clamp(-1, 1), plain, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(z, 229, 293).clamp(-1, 1), plain, rtol=0, atol=1e-5)
 
 
 def test_auto_chunking_with_small_budget_is_exact(tiny):
@@ -60,11 +61,28 @@ def test_auto_chunking_with_small_budget_is_exact(tiny):
 
 
 def test_region_render_equals_crop_of_full(tiny):
+    # 38 x 42 cells: a region far from every border, so the halo (not the image edge) bounds its context
     z = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
-        full = tiny(z, 75, 90)
-        part = tiny(z, 75, 90, region=(3, 4, 6, 7))            # cells 3..9 x 4..11 (clipped at 75 px)
-    torch.testing.assert_close(part, full[:, :, 24:72, 32:88], rtol=0, atol=1e-5)
+        full = tiny(z, 300, 333)
+        part = tiny(z, 300, 333, region=(15, 17, 4, 5))
+        assert part.shape == (1, 3, 32, 40)
+        torch.testing.assert_close(part, full[:, :, 120:152, 136:176], rtol=0, atol=1e-5)
+        edge = tiny(z, 300, 333, region=(36, 40, 5, 5))        # clipped at the bottom/right edge
+        torch.testing.assert_close(edge, full[:, :, 288:300, 320:333], rtol=0, atol=1e-5)
+
+
+def test_halo_is_needed(tiny):
+    """The exactness above comes from the halo: two cells less and the region differs from the full decode."""
+    z = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        full = tiny(z, 300, 333)
+        tiny.halo -= 2
+        try:
+            part = tiny(z, 300, 333, region=(15, 17, 4, 5))
+        finally:
+            tiny.halo += 2
+    assert (part - full[:, :, 120:152, 136:176]).abs().max() > 1e-4
 
 
 def test_same_physical_coordinate_same_inpe(tiny):

@@ -45,6 +45,15 @@ def test_window_decode_shape_and_continuity(pipe):
     assert torch.isfinite(out).all() and out.abs().max() <= 1
 
 
+def test_window_blend_normalises_weights(pipe, monkeypatch):
+    """Every window decoding to the same constant must give that constant everywhere: windows cover the
+    image and the blend weights are normalised (no dark seams, no gaps)."""
+    monkeypatch.setattr(pipe.model, "decode", lambda z, h, w, *a, **k: torch.full((z.shape[0], 3, h, w), 0.3))
+    out = pipe._decode_windows(torch.randn(1, 4, 30, 41), 237, 331, None, False)
+    assert out.shape == (1, 3, 237, 331)
+    torch.testing.assert_close(out, torch.full_like(out, 0.3))
+
+
 def test_window_blend_weights_cover_every_pixel():
     for n, core in [(30, 8), (8, 8), (9, 8), (100, 32)]:
         starts = _window_starts(n, core)
@@ -90,3 +99,38 @@ def test_bad_sizes_and_latents_through_pipeline(pipe):
         pipe.decode(torch.full((1, 4, 4, 4), float("nan")), 10, 10)
     with pytest.raises(ValueError, match="\\(B, 3, h, w\\)"):
         pipe.encode(torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("bad,match", [({"max_step_scale": 1}, "max_step_scale must be a number > 1"),
+                                       ({"train_latent": 0}, "train_latent must be an int >= 1"),
+                                       ({"window_margin": "4"}, "window_margin must be an int"),
+                                       ({"max_scle": 4}, "unknown bundle.json keys")])
+def test_bad_bundle_json_is_a_checkpoint_error(tiny_bundle, tmp_path, bad, match):
+    import json
+    import shutil
+    shutil.copytree(tiny_bundle, tmp_path / "b")
+    info = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps({**info, **bad}))
+    with pytest.raises(CheckpointError, match=match):
+        InfGenPipeline.from_pretrained(tmp_path / "b")
+
+
+def test_bundle_command_round_trip(tiny_bundle, tmp_path, capsys):
+    from infgen.cli import main
+    rc = main(["bundle", "--infgen", str(tiny_bundle / "infgen"), "--codec", str(tiny_bundle / "codec"),
+               "--out", str(tmp_path / "nb"), "--train-latent", "8", "--max-scale", "2", "--window-margin", "2"])
+    assert rc == 0
+    a, b = InfGenPipeline.from_pretrained(tmp_path / "nb"), InfGenPipeline.from_pretrained(tiny_bundle)
+    assert a.info == b.info
+    z = torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(a.decode(z, 40, 48), b.decode(z, 40, 48), rtol=0, atol=0)
+    rc = main(["bundle", "--infgen", str(tiny_bundle / "infgen"), "--codec", str(tiny_bundle / "codec"),
+               "--out", str(tmp_path / "nb2"), "--max-step-scale", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "max_step_scale must be a number > 1" in err and not (tmp_path / "nb2").exists()
+
+
+def test_codec_from_another_latent_space_is_refused(pipe):
+    from infgen import InfGen, InfGenConfig
+    with pytest.raises(ValueError, match="trained on another latent space"):
+        InfGenPipeline(InfGen(InfGenConfig.preset("tiny", scaling_factor=0.5)), pipe.codec)

@@ -133,6 +133,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, images, codec_dir, capsys
     # a second run into the same directory must not silently start over
     assert main(["train", "--config", str(config), "--output", str(split)]) == 2
     assert "--resume" in capsys.readouterr().err
+    with open(split / "metrics.jsonl", "a") as f:                 # a line torn by a kill mid-write
+        f.write('{"step": 3, "l1": 0.')
     assert main(["train", "--config", str(config), "--output", str(split), "--resume"]) == 0
     assert [m["step"] for m in metrics(split)] == [1, 2, 3, 4]
 

@@ -54,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("infgen: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        print(f"infgen {command}: error: needs an optional dependency ({e}); see the README's install notes",
+              file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"infgen {command}: error: out of memory; try a smaller size or --chunk-size", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():  # torch.OutOfMemoryError and CPU allocator failures
+            raise
+        print(f"infgen {command}: error: out of memory; try a smaller size or --chunk-size", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("INFGEN_DEBUG"):
             raise

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -149,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fid", action="store_true", help="PSNR/SSIM only (no Inception)")
     p.add_argument("--limit", type=int, default=None, help="first N photos only (quick checks)")
     p.add_argument("--out", default="docs/eval", help="writes results.json, results.md and crops/")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,8 +179,7 @@ def run(args: argparse.Namespace) -> int:
                        patches_per_image=args.patches_per_image, fid=not args.no_fid, crops_dir=out / "crops")
     meta = {"split": args.split, "n_photos": len(photos), "input_size": args.input_size, "patch": args.patch,
             "patches_per_image": args.patches_per_image, "checkpoint": args.checkpoint or "bundled default",
-            "command": "infgen eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                 if k not in ("command",) and v not in (None, False))}
+            "command": "infgen " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "infgen eval (API)"}
     atomic_write_bytes(out / "results.json", json.dumps({"meta": meta, "results": results}, indent=2).encode())
     md = to_markdown(results, meta)
     atomic_write_bytes(out / "results.md", md.encode())

@@ -71,11 +71,6 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adopt_weight(weight: float, step: int, threshold: int = 0, value: float = 0.0) -> float:
-    """`weight` from step `threshold` on, `value` before: delays the GAN until reconstructions are decent."""
-    return weight if step >= threshold else value
-
-
 def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
     """||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) at the generator's last layer W, clamped, no gradient.
 

@@ -42,12 +42,26 @@ class BundleInfo:
     max_step_scale: float = 2.0     # per-step scale bound of the extrapolation loop
     window_margin: int = 4          # latent cells of context on each side of a window
 
+    def __post_init__(self) -> None:
+        checks = [("train_latent", int, 1), ("window_margin", int, 0)]
+        for name, kind, low in checks:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, kind) or v < low:
+                raise ValueError(f"BundleInfo.{name} must be an int >= {low}, got {v!r}")
+        for name in ("max_scale", "max_step_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 1:
+                raise ValueError(f"BundleInfo.{name} must be a number > 1, got {v!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "BundleInfo":
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise CheckpointError(f"unknown {BUNDLE_NAME} keys {unknown}; expected {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise CheckpointError(f"{BUNDLE_NAME}: {e}") from None
 
 
 class InfGenPipeline:
@@ -55,9 +69,14 @@ class InfGenPipeline:
         self.model = model.eval()
         self.codec = codec.eval() if codec is not None else None
         self.info = info or BundleInfo()
-        if codec is not None and codec.latent_channels != model.config.latent_channels:
-            raise ValueError(f"codec has {codec.latent_channels} latent channels, InfGen expects "
-                             f"{model.config.latent_channels}")
+        c = model.config
+        if codec is not None and codec.latent_channels != c.latent_channels:
+            raise ValueError(f"codec has {codec.latent_channels} latent channels, InfGen expects {c.latent_channels}")
+        if codec is not None and not (math.isclose(codec.scaling_factor, c.scaling_factor, rel_tol=1e-6)
+                                      and math.isclose(codec.shift_factor, c.shift_factor, abs_tol=1e-6)):
+            raise ValueError(f"the codec's scaling/shift ({codec.scaling_factor}, {codec.shift_factor}) differ from "
+                             f"the InfGen config's ({c.scaling_factor}, {c.shift_factor}): the InfGen was trained "
+                             "on another latent space")
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod

@@ -598,8 +598,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     writer = None
     if is_main:
         if metrics_path.is_file():                                             # drop lines past the restart
-            keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            keep = []
+            for ln in metrics_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):                          # a line torn by a kill
+                    if json.loads(ln).get("step", 0) <= step:
+                        keep.append(ln)
             atomic_write_bytes(metrics_path, "".join(ln + "\n" for ln in keep).encode())
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter

@@ -22,15 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.train_latent < 1 or args.max_scale <= 1 or args.max_step_scale <= 1 or args.window_margin < 0:
-        raise ValueError("need --train-latent >= 1, --max-scale > 1, --max-step-scale > 1, --window-margin >= 0")
+    info = BundleInfo(args.train_latent, args.max_scale, args.max_step_scale, args.window_margin)  # validates
     model = InfGen.from_pretrained(args.infgen)
-    codec = load_codec(args.codec)
-    c = model.config
-    if (codec.scaling_factor, codec.shift_factor) != (c.scaling_factor, c.shift_factor):
-        raise ValueError(f"the codec's scaling/shift ({codec.scaling_factor}, {codec.shift_factor}) differ from the "
-                         f"InfGen config's ({c.scaling_factor}, {c.shift_factor}): it was trained on another latent space")
-    info = BundleInfo(args.train_latent, args.max_scale, args.max_step_scale, args.window_margin)
-    InfGenPipeline(model, codec, info).save_pretrained(args.out)
+    InfGenPipeline(model, load_codec(args.codec), info).save_pretrained(args.out)  # checks they match
     print(f"wrote bundle {args.out}: InfGen {model.num_parameters() / 1e6:.1f}M parameters, {info}")
     return 0
