@@ -26,7 +26,7 @@ venv: $(VENV)/.installed-base
 demo: $(VENV)/.installed-dev
 	$(BIN)/infgen demo --output outputs/demo
 
-# The demo-page test drives a real headless Chromium (Debian's package; as root, or with sudo).
+# The demo-page test drives a real headless Chromium (Debian's package; installing it needs root).
 browser:
 	@test -x /usr/bin/chromium || (apt-get install -y --no-install-recommends chromium || \
 		(apt-get update && apt-get install -y --no-install-recommends chromium))
