@@ -1,6 +1,5 @@
 """Core contract of the InfGen decoder: shapes, exact tiled decoding, INPE, checkpoints, bad input."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path

@@ -10,9 +10,7 @@ the browser test is skipped, or fails when INFGEN_REQUIRE_BROWSER=1 (CI).
 """
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import socket
 import struct
 import subprocess

@@ -7,7 +7,6 @@ Checkpoints use the same config.json + model.safetensors format as InfGen.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_save_safetensors,
-                         atomic_write_bytes, check_state_dict, load_safetensors, read_json)
+from .checkpoint import load_module, save_module
 from .layers import ConvDecoder, ResBlock
 
 
@@ -126,27 +124,8 @@ class KLAutoencoder(nn.Module):
 
     # -- checkpoints (same format as InfGen) ------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt", "class": "KLAutoencoder"})
-        cfg = {"_class_name": "KLAutoencoder", **self.config.to_dict()}
-        atomic_write_bytes(path / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        save_module(self, "KLAutoencoder", self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "KLAutoencoder":
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not an autoencoder checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = read_json(path / CONFIG_NAME)
-        name = raw.pop("_class_name", None)
-        if name != "KLAutoencoder":
-            raise CheckpointError(f"{path} holds a {name or 'unknown'} checkpoint, expected a KLAutoencoder")
-        try:
-            config = AutoencoderConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
-        model = cls(config)
-        state = load_safetensors(path / WEIGHTS_NAME)
-        check_state_dict(model.state_dict(), state, str(path / WEIGHTS_NAME))
-        model.load_state_dict(state, strict=True)
-        return model.to(device).eval()
+        return load_module(path, "KLAutoencoder", lambda d: cls(AutoencoderConfig.from_dict(d)), device)

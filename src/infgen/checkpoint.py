@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -101,3 +102,33 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
         problems.append(f"misshaped tensors {misshaped[:8]}{' ...' if len(misshaped) > 8 else ''}")
     if problems:
         raise CheckpointError(f"{source} does not match the model built from its config: " + "; ".join(problems))
+
+
+def save_module(module: torch.nn.Module, class_name: str, config: dict, path: str | Path) -> None:
+    """Write `path/config.json` ({"_class_name": ..., **config}) and `path/model.safetensors`, atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(module.state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt", "class": class_name})
+    text = json.dumps({"_class_name": class_name, **config}, indent=2, sort_keys=True)
+    atomic_write_bytes(path / CONFIG_NAME, text.encode())
+
+
+def load_module(path: str | Path, class_name: str, build: Callable[[dict], torch.nn.Module],
+                device: str | torch.device = "cpu", default_class: str | None = None) -> torch.nn.Module:
+    """Strictly load what `save_module` wrote. `build(config_dict)` makes the empty module; config errors
+    (unknown keys, bad values), a different class, and missing/extra/misshaped tensors are CheckpointErrors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    raw = read_json(path / CONFIG_NAME)
+    name = raw.pop("_class_name", default_class)
+    if name != class_name:
+        raise CheckpointError(f"{path} holds a {name or 'unknown'} checkpoint, expected {class_name}")
+    try:
+        module = build(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
+    state = load_safetensors(path / WEIGHTS_NAME)
+    check_state_dict(module.state_dict(), state, str(path / WEIGHTS_NAME))
+    module.load_state_dict(state, strict=True)
+    return module.to(device).eval()

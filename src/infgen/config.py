@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Output pixel cap for decode(): 16K x 16K. Callers lift it explicitly with decode(..., max_pixels=N).
 DEFAULT_MAX_PIXELS = 16384 * 16384

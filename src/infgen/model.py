@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes,
-                         atomic_save_safetensors, check_state_dict, load_safetensors, read_json)
+from .checkpoint import load_module, save_module
 from .config import DEFAULT_MAX_PIXELS, InfGenConfig
 from .layers import INPE, ConvDecoder, CrossBlock, SelfBlock, grid_coords, window_indices
 
@@ -193,30 +191,11 @@ class InfGen(nn.Module):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(self.state_dict(), path / WEIGHTS_NAME, metadata={"format": "pt", "class": "InfGen"})
-        cfg = {"_class_name": "InfGen", **self.config.to_dict()}
-        atomic_write_bytes(path / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True).encode())
+        save_module(self, "InfGen", self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "InfGen":
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is not a checkpoint directory (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        raw = read_json(path / CONFIG_NAME)
-        name = raw.pop("_class_name", "InfGen")
-        if name != "InfGen":
-            raise CheckpointError(f"{path} holds a {name} checkpoint, expected an InfGen checkpoint")
-        try:
-            config = InfGenConfig.from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: {e}") from None
-        model = cls(config)
-        state = load_safetensors(path / WEIGHTS_NAME)
-        check_state_dict(model.state_dict(), state, str(path / WEIGHTS_NAME))
-        model.load_state_dict(state, strict=True)
-        return model.to(device).eval()
+        return load_module(path, "InfGen", lambda d: cls(InfGenConfig.from_dict(d)), device, default_class="InfGen")
 
 
 def check_size(height, width, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
