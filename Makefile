@@ -43,12 +43,13 @@ photos: $(VENV)/.installed-dev
 
 # Exactly how the bundled default (src/infgen/assets/default) was produced on a 2-core CPU: the small
 # autoencoder (launched with --max-steps 1500 and stopped after ~50 min: its step-700 export was used, which
-# `--max-steps 700 --set optim.decay_steps=1500` reproduces), then InfGen `small` on its latents, the bundle. Long: run it in the background; `--resume` continues an interrupted stage.
+# `--max-steps 700 --set optim.decay_steps=1500` reproduces), then InfGen `small` on its latents (likewise
+# launched for 450 steps and stopped by SIGTERM at step 343), then the bundle. Long: run it in the background; `--resume` continues an interrupted stage.
 train-default: photos
 	$(BIN)/infgen train --config configs/autoencoder-small.yaml --max-steps 700 --set optim.decay_steps=1500 \
 		--set data.batch_size=4 --set loss.perceptual=none --set loss.perceptual_weight=0 \
 		--set optim.warmup_steps=50 --set optim.ema_decay=0.995 --set train.ckpt_every=100 --set train.sample_every=100
-	$(BIN)/infgen train --config configs/cpu-small.yaml --max-steps 450 \
+	$(BIN)/infgen train --config configs/cpu-small.yaml --max-steps 343 --set optim.decay_steps=450 \
 		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
 		--set optim.lr=3e-4 --set optim.warmup_steps=20 --set optim.ema_decay=0.98 \
 		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=150
