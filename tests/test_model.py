@@ -72,15 +72,17 @@ def test_region_render_equals_crop_of_full(tiny):
 
 
 def test_halo_is_needed(tiny):
-    """The exactness above comes from the halo: two cells less and the region differs from the full decode."""
+    """The exactness above comes from the halo: with a 1-cell halo the region differs from the full decode.
+    (The far edge of the receptive field contributes ~1e-6 with random weights, so only a clearly too small
+    halo shows up reliably; the exactness tests above pin the full halo.)"""
     z = torch.randn(1, 4, 5, 5)
     with torch.no_grad():
         full = tiny(z, 300, 333)
-        tiny.halo -= 2
+        halo, tiny.halo = tiny.halo, 1
         try:
             part = tiny(z, 300, 333, region=(15, 17, 4, 5))
         finally:
-            tiny.halo += 2
+            tiny.halo = halo
     assert (part - full[:, :, 120:152, 136:176]).abs().max() > 1e-4
 
 
