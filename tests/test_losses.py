@@ -9,13 +9,7 @@ from infgen.losses import (NLayerDiscriminator, adaptive_weight, hinge_d_loss, h
 from infgen.perceptual import PerceptualLoss, VGG19Features, load_vgg19_convs, vgg19_weights_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads fight for the cores and run ~5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("real, fake, expected", [
