@@ -123,9 +123,10 @@ def _save_comparison(path: Path, gt, out: dict, size: int) -> None:
 
 
 def to_markdown(results: dict, meta: dict) -> str:
+    patches = (f"KID x1000 and patch-FID on {meta['patch']} px native patches ({meta['patches_per_image']} per "
+               "image)" if meta.get("fid", True) else "KID and patch-FID not computed (--no-fid)")
     lines = [f"Validation photos: {meta['n_photos']} ({meta['split']}); input {meta['input_size']}^2 -> latent "
-             f"{meta['input_size'] // 8}^2; KID x1000 and patch-FID on {meta['patch']} px native patches "
-             f"({meta['patches_per_image']} per image). Bundle: {meta['checkpoint']}.", "",
+             f"{meta['input_size'] // 8}^2; {patches}. Bundle: {meta['checkpoint']}.", "",
              "| target | method | PSNR (dB) ↑ | SSIM ↑ | KID×1000 ↓ | patch-FID ↓ |", "|---|---|---|---|---|---|"]
     for name, e in results.items():
         for m in METHODS:
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = evaluate(pipe, photos, targets, input_size=args.input_size, patch=args.patch,
                        patches_per_image=args.patches_per_image, fid=not args.no_fid, crops_dir=out / "crops")
-    meta = {"split": args.split, "n_photos": len(photos), "input_size": args.input_size, "patch": args.patch,
+    meta = {"split": args.split, "n_photos": len(photos), "fid": not args.no_fid, "input_size": args.input_size, "patch": args.patch,
             "patches_per_image": args.patches_per_image, "checkpoint": args.checkpoint or "bundled default",
             "command": "infgen " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "infgen eval (API)"}
     atomic_write_bytes(out / "results.json", json.dumps({"meta": meta, "results": results}, indent=2).encode())
