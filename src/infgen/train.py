@@ -47,6 +47,7 @@ from .config import InfGenConfig
 from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from .model import InfGen
 from .perceptual import BACKENDS, PerceptualLoss
+from .pipeline import tensor_to_pil
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: dataclasses, loaded from YAML; unknown keys are errors that name the key.
@@ -352,18 +353,12 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def to_pil(img: Tensor):
-    from PIL import Image
-    arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
-
-
 def save_grid(path: Path, panels: list[tuple[str, Tensor]], max_height: int = 384) -> None:
     """Panels (label, (3, h, w) in [-1, 1]) side by side, each shrunk to at most max_height, labelled."""
     from PIL import Image, ImageDraw
     images = []
     for label, img in panels:
-        im = to_pil(img)
+        im = tensor_to_pil(img)
         if im.height > max_height:
             im = im.resize((max(1, round(im.width * max_height / im.height)), max_height), Image.BICUBIC)
         images.append((label, im))
