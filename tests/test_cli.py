@@ -127,7 +127,8 @@ def test_decode_extrapolates_beyond_trained_scale(capsys, tmp_path, tiny_bundle,
 
 # -- upscale -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("opts,size", [(["--scale", "1.66"], (66, 50)), (["--size", "50x20"], (50, 20)),
-                                       (["--height", "21", "--width", "13"], (13, 21))])
+                                       (["--height", "21", "--width", "13"], (13, 21)),
+                                       (["--scale", "3", "--dtype", "bf16"], (120, 90))])
 def test_upscale_sizes(capsys, tmp_path, tiny_bundle, photo, opts, size):
     rc, _, err = cli(capsys, "upscale", photo, *opts, "-o", tmp_path / "up.png", "--checkpoint", tiny_bundle)
     assert rc == 0, err
@@ -261,6 +262,7 @@ def test_decode_bad_latents(capsys, tmp_path, tiny_bundle, case, message):
     (["--height", "16", "--width", "16", "--checkpoint", "NOTCKPT"], "neither an infgen bundle"),
     (["--height", "16", "--width", "16", "--checkpoint", "MISSING"], "no such directory"),
     (["--height", "16", "--width", "16", "-o", "OUT.xyz"], "unknown image file type"),
+    (["--height", "16", "--width", "16", "--dtype", "fp16"], "on CPU use bf16"),
     pytest.param(["--height", "16", "--width", "16", "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])

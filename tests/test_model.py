@@ -120,6 +120,17 @@ def test_bf16_decode_close_to_fp32(tiny):
     assert (out.float() - ref).abs().mean() < 0.05
 
 
+def test_inpe_phases_stay_fp32_under_bf16_autocast(tiny):
+    # bf16 phases (~100 rad with an 8-bit mantissa) would move every position by ~0.4 rad
+    coords = torch.rand(64, 2)
+    with torch.no_grad():
+        ref = tiny.inpe(coords)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny.inpe(coords)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02)
+
+
 def test_backward_gives_finite_gradients_for_every_parameter():
     model = InfGen(InfGenConfig.preset("tiny")).train()
     out = model(torch.randn(2, 4, 4, 4), 40, 24)

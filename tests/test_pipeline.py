@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from infgen.checkpoint import CheckpointError
-from infgen.pipeline import InfGenPipeline, _ramp, _window_starts, pil_to_tensor, tensor_to_pil
+from infgen import InfGenPipeline
+from infgen.pipeline import _ramp, _window_starts, pil_to_tensor, tensor_to_pil
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,16 @@ def test_extrapolation_reaches_exact_size_through_reencoding(pipe, monkeypatch):
     sizes.clear()
     assert pipe.decode(z, 250, 300, extrapolate=False).shape == (1, 3, 250, 300)
     assert sizes == [(250, 300)]
+
+
+def test_bf16_pipeline_decodes_and_extrapolates(tiny_bundle):
+    ref = InfGenPipeline.from_pretrained(tiny_bundle)
+    pipe = InfGenPipeline.from_pretrained(tiny_bundle, dtype=torch.bfloat16)
+    assert pipe.model.dtype == torch.bfloat16 and pipe.codec.dtype == torch.float32
+    z = torch.randn(1, 4, 4, 5)
+    out = pipe.decode(z, 250, 300)                   # extrapolation: bf16 images re-encoded by the fp32 codec
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 250, 300)
+    assert (out.float() - ref.decode(z, 250, 300)).abs().mean() < 0.05
 
 
 def test_upscale_pil(pipe):

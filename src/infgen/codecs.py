@@ -33,6 +33,10 @@ class LatentCodec(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def save_pretrained(self, path) -> None:
         raise NotImplementedError
 
@@ -49,12 +53,12 @@ class AutoencoderCodec(LatentCodec):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        mean, logvar = self.autoencoder.encode(images.to(self.device))
+        mean, logvar = self.autoencoder.encode(images.to(self.device, self.dtype))
         return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.sample else mean
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        return self.autoencoder.decode(latents.to(self.device)).clamp(-1, 1)
+        return self.autoencoder.decode(latents.to(self.device, self.dtype)).clamp(-1, 1)
 
     def save_pretrained(self, path) -> None:
         self.autoencoder.save_pretrained(path)

@@ -46,9 +46,12 @@ class INPE(nn.Module):
         return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()], dim=-1)  # (..., 3)
 
     def forward(self, coords: Tensor) -> Tensor:
-        p = self.to_sphere(coords.float())                                    # (..., 3)
-        proj = 2 * math.pi * p @ self.fourier_matrix.float().T                # (..., F)
-        gamma = torch.cat([proj.cos(), proj.sin()], dim=-1)                   # (..., 2F)
+        # Always fp32, also under bf16/fp16 autocast: the phases reach ~100 rad, and bf16's 8-bit mantissa
+        # would put errors of ~0.4 rad on them, i.e. blur every position.
+        with torch.autocast(coords.device.type, enabled=False):
+            p = self.to_sphere(coords.float())                                # (..., 3)
+            proj = 2 * math.pi * p @ self.fourier_matrix.float().T            # (..., F)
+            gamma = torch.cat([proj.cos(), proj.sin()], dim=-1)               # (..., 2F)
         return self.mlp(gamma.to(self.mlp[0].weight.dtype))                   # (..., D)
 
 

@@ -79,8 +79,12 @@ class InfGenPipeline:
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "InfGenPipeline":
-        """path: None (the bundled default), a bundle directory, or a hub id holding one."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "InfGenPipeline":
+        """path: None (the bundled default), a bundle directory, or a hub id holding one.
+
+        dtype: the InfGen decoder's dtype (e.g. torch.bfloat16: ~2x faster on CPUs with AVX512-BF16/AMX and on
+        GPUs; outputs within ~1 8-bit level of fp32). The codec stays in its saved dtype."""
         path = Path(DEFAULT_BUNDLE if path is None else path)
         if not path.exists() and len(str(path).split("/")) == 2 and not str(path).startswith((".", "/")):
             from huggingface_hub import snapshot_download  # users with internet; never in tests
@@ -89,6 +93,8 @@ class InfGenPipeline:
             raise CheckpointError(f"{path} is not an infgen bundle: expected {path}/infgen/ (an InfGen "
                                   f"checkpoint), {path}/codec/ and {path}/{BUNDLE_NAME}")
         model = InfGen.from_pretrained(path / "infgen", device=device)
+        if dtype is not None:
+            model = model.to(dtype)
         codec = load_codec(path / "codec", device=device) if (path / "codec").is_dir() else None
         info = BundleInfo.from_dict(read_json(path / BUNDLE_NAME)) if (path / BUNDLE_NAME).is_file() else None
         return cls(model, codec, info)

@@ -85,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", default=None,
                         help="a bundle directory (infgen/ + codec/ + bundle.json); default: the bundled weights")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to decode (default cpu)")
+    common.add_dtype_argument(parser)
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N",
                         help=f"refuse outputs above N pixels (default {d.max_pixels} = 8K; 0 lifts the cap)")
     parser.add_argument("--max-input-pixels", type=int, default=d.max_input_pixels, metavar="N",
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     limits = ServeLimits(max_pixels=common.max_pixels(args.max_pixels), max_input_pixels=args.max_input_pixels,
                          max_upload_mb=args.max_upload_mb, timeout_s=args.timeout, queue_size=args.queue_size)
-    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device))
+    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device), args.dtype)
     if pipe.codec is None:
         raise ValueError(f"the demo re-renders photos and needs an encoder, and {what} has none; pass a bundle "
                          "directory (infgen/ + codec/) as --checkpoint")

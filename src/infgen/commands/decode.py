@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     latents = [common.read_latents(f) for f in files]          # small: read them all before any work
     plan = common.plan_outputs(args.output, [(f, z.shape[0]) for f, z in zip(files, latents)], from_folder)
 
-    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device))
+    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device), args.dtype)
     for f, z in zip(files, latents):
         try:
             pipe.model._check_latents(z)                        # channels, NaN/Inf: the model's own rules

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", default=None,
                         help="bundle or InfGen checkpoint directory (default: the bundled weights)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    common.add_dtype_argument(parser)
     # Test/CI knobs: smaller sizes and another samples folder keep the test fast.
     parser.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=Path, default=None, help=argparse.SUPPRESS)
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sizes = common.parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES
     device = common.pick_device(args.device)
-    pipe, weights, trained = _load(args.checkpoint, device)
+    pipe, weights, trained = _load(args.checkpoint, device, args.dtype)
     samples_dir = args.samples if args.samples is not None else SAMPLES
     samples = sorted(p for p in samples_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
         if samples_dir.is_dir() else []
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             print(_table_line(rows[-1]))
 
     report = {"weights": weights, "trained": trained, "notes": notes, "device": str(device),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-              platform.machine(), "rows": rows}
+              "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(), "rows": rows}
     table = _markdown(report)
     atomic_write_bytes(args.output / "timings.json", json.dumps(report, indent=2).encode())
     atomic_write_bytes(args.output / "timings.md", table.encode())
@@ -110,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(checkpoint, device) -> tuple[InfGenPipeline, str, bool]:
+def _load(checkpoint, device, dtype: str = "fp32") -> tuple[InfGenPipeline, str, bool]:
     """(pipeline, description, trained). Falls back to random weights only when no bundle is installed."""
     if checkpoint is not None or (Path(pipeline_module.DEFAULT_BUNDLE) / "infgen").is_dir():
-        pipe, what = common.load_pipeline(checkpoint, device)
+        pipe, what = common.load_pipeline(checkpoint, device, dtype)
         return pipe, what, True
     torch.manual_seed(0)
-    model = InfGen(InfGenConfig.preset("small")).to(device).eval()
+    model = InfGen(InfGenConfig.preset("small")).to(device, common.DTYPES[dtype]).eval()
     # One window covers the 64x64 latent (a 512 x 512 SD-VAE image): a plain one-pass decode is timed.
     pipe = InfGenPipeline(model, None, BundleInfo(train_latent=64))
     return pipe, "random-initialised `small` preset (UNTRAINED)", False
@@ -152,7 +153,7 @@ def _table_line(row: dict) -> str:
 def _markdown(report: dict) -> str:
     lines = ["# infgen demo timings", ""]
     lines += [f"> **{n}**" for n in report["notes"]] + ([""] if report["notes"] else [])
-    lines += [f"Weights: {report['weights']}; device: {report['device']}; torch {report['torch']}, "
+    lines += [f"Weights: {report['weights']}; device: {report['device']}, {report['dtype']}; torch {report['torch']}, "
               f"{report['threads']} threads. Seconds cover encode + decode (upscale) or decode alone "
               "(random latent), after a warm-up; PNG writing is not included.", "",
               "| input | size (WxH) | MP | seconds | MP/s | file |", "|---|---|---:|---:|---:|---|"]

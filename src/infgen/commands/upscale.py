@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{f} ({w}x{h}) -> {W}x{H}: {e}") from None
     plan = common.plan_outputs(args.output, [(f, 1) for f in files], from_folder)
 
-    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device))
+    pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device), args.dtype)
     if pipe.codec is None:
         raise ValueError(f"upscale needs an encoder, and {what} has none; pass a bundle directory "
                          "(infgen/ + codec/) as --checkpoint")
