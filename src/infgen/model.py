@@ -107,8 +107,10 @@ class InfGen(nn.Module):
         c0, c1 = max(cols[0] - self.halo, 0), min(cols[1] + self.halo, gw)
         ri, ci = torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device)
         x = self.tokens(ctx, height, width, ri, ci)                            # (B, nr*nc, D)
-        x = x.transpose(1, 2).reshape(x.shape[0], -1, r1 - r0, c1 - c0)        # (B, D, nr, nc)
-        img = self.decoder(x.contiguous())                                      # (B, 3, 8 nr, 8 nc)
+        # (B, nr*nc, D) is already channels_last memory for (B, D, nr, nc): no copy, and oneDNN's bf16
+        # convolutions run ~2x faster in that layout on CPU (fp32: same speed).
+        x = x.reshape(x.shape[0], r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2)   # (B, D, nr, nc)
+        img = self.decoder(x.contiguous(memory_format=torch.channels_last))    # (B, 3, 8 nr, 8 nc)
         top, left = 8 * (rows[0] - r0), 8 * (cols[0] - c0)
         bottom = min(8 * rows[1], height) - 8 * r0
         right = min(8 * cols[1], width) - 8 * c0
