@@ -53,7 +53,12 @@ train-default: photos
 		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
 		--set optim.lr=3e-4 --set optim.warmup_steps=20 --set optim.ema_decay=0.98 \
 		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=150
-	$(BIN)/infgen bundle --infgen runs/infgen-small/final --codec runs/autoencoder/final \
+	$(BIN)/infgen train --config configs/cpu-small.yaml --output runs/infgen-small-2 --max-steps 850 \
+		--set model.init_from=runs/infgen-small/final --set render_cells=32 --set train.mixed_precision=bf16 \
+		--set optim.decay_steps=850 --set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
+		--set optim.lr=2e-4 --set optim.warmup_steps=30 --set optim.ema_decay=0.995 \
+		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=425
+	$(BIN)/infgen bundle --infgen runs/infgen-small-2/final --codec runs/autoencoder/final \
 		--out src/infgen/assets/default --train-latent 32 --max-scale 4
 
 # The evaluation table in the README (needs `make photos`).
