@@ -44,7 +44,10 @@ photos: $(VENV)/.installed-dev
 # Exactly how the bundled default (src/infgen/assets/default) was produced on a 2-core CPU: the small
 # autoencoder (launched with --max-steps 1500 and stopped after ~50 min: its step-700 export was used, which
 # `--max-steps 700 --set optim.decay_steps=1500` reproduces), then InfGen `small` on its latents (likewise
-# launched for 450 steps and stopped by SIGTERM at step 343), then the bundle. Long: run it in the background; `--resume` continues an interrupted stage.
+# launched for 450 steps and stopped by SIGTERM at step 343), then a fine-tune of that InfGen with bf16
+# autocast and 256^2 render regions (launched for 850 steps, stopped by SIGTERM at step 647 and resumed to
+# 700 with the same schedule: exact resume makes that equal to the command below), then the bundle.
+# Long: run it in the background; `--resume` continues an interrupted stage.
 train-default: photos
 	$(BIN)/infgen train --config configs/autoencoder-small.yaml --max-steps 700 --set optim.decay_steps=1500 \
 		--set data.batch_size=4 --set loss.perceptual=none --set loss.perceptual_weight=0 \
@@ -53,7 +56,7 @@ train-default: photos
 		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
 		--set optim.lr=3e-4 --set optim.warmup_steps=20 --set optim.ema_decay=0.98 \
 		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=150
-	$(BIN)/infgen train --config configs/cpu-small.yaml --output runs/infgen-small-2 --max-steps 850 \
+	$(BIN)/infgen train --config configs/cpu-small.yaml --output runs/infgen-small-2 --max-steps 700 \
 		--set model.init_from=runs/infgen-small/final --set render_cells=32 --set train.mixed_precision=bf16 \
 		--set optim.decay_steps=850 --set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
 		--set optim.lr=2e-4 --set optim.warmup_steps=30 --set optim.ema_decay=0.995 \
