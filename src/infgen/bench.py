@@ -363,7 +363,9 @@ def _specs(o: argparse.Namespace) -> list[dict]:
         if weights:
             cfg = json.loads((Path(weights) / "config.json").read_text())
             cfg.pop("_class_name", None)
-            if InfGenConfig.from_dict(cfg) != InfGenConfig.preset("small"):
+            # The latent space's scale/shift do not change the cost; the architecture must be `small`'s.
+            latent_space = {k: cfg[k] for k in ("scaling_factor", "shift_factor") if k in cfg}
+            if InfGenConfig.from_dict(cfg) != InfGenConfig.preset("small", **latent_space):
                 raise ValueError(f"--checkpoint {weights}: its config is not the `small` preset; bench times presets")
         specs.append(dict(name=p, kind="infgen", preset=p, weights=weights, latent=o.latent))
     if "sd-vae" in o.baselines:
