@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from infgen import InfGen, InfGenConfig
 from infgen.checkpoint import CheckpointError
-from infgen.layers import grid_coords
+from infgen.layers import Windows, grid_coords
 
 SIZES = [(1, 1), (17, 33), (64, 48), (1080, 1920)]
 
@@ -49,6 +49,34 @@ def test_chunked_decode_equals_plain(request, fixture, chunk):
     # and the plain decode is the training forward, clamped
     with torch.no_grad():
         torch.testing.assert_close(model(z, 229, 293).clamp(-1, 1), plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,latent,rows,cols", [
+    ((512, 512), (32, 32), (0, 64), (0, 64)),        # 2x: 2 x 2 queries per latent cell
+    ((2160, 3840), (64, 64), (10, 60), (50, 130)),   # 4K tile, fractional ratios (4.2 x 7.5)
+    ((37, 1000), (5, 9), (0, 5), (3, 125)),          # downscale on one axis, upscale on the other
+    ((300, 200), (2, 7), (0, 38), (0, 25)),          # latent smaller than the window; partial last cell
+    ((8, 8), (1, 1), (0, 1), (0, 1)),
+])
+def test_local_windows_equal_masked_full_attention(size, latent, rows, cols):
+    """Grouped local attention == full attention masked to the 3x3 latent window of each query's cell."""
+    (H, W), (h, w) = size, latent
+    ri, ci = torch.arange(*rows), torch.arange(*cols)
+    q = torch.randn(2, 4, len(ri) * len(ci), 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 4, h * w, 8, dtype=torch.float64).unbind(0)
+    # Reference from first principles: the latent cell under each query's centre, the 3x3 block around
+    # it shifted inside the latent, every other key masked out.
+    yc = ((ri * 8 + 4) / H * h).floor().long()
+    xc = ((ci * 8 + 4) / W * w).floor().long()
+    y0 = (yc - 1).clamp(0, max(h - 3, 0))
+    x0 = (xc - 1).clamp(0, max(w - 3, 0))
+    ly, lx = torch.arange(h), torch.arange(w)
+    in_y = (ly[None] >= y0[:, None]) & (ly[None] < y0[:, None] + 3)          # (nr, h)
+    in_x = (lx[None] >= x0[:, None]) & (lx[None] < x0[:, None] + 3)          # (nc, w)
+    mask = (in_y[:, None, :, None] & in_x[None, :, None, :]).reshape(len(ri) * len(ci), h * w)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = Windows.build(ri, ci, 8.0, H, W, h, w, 3).attend(q, k, v)
+    torch.testing.assert_close(got, ref)
 
 
 def test_auto_chunking_with_small_budget_is_exact(tiny):

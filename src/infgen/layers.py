@@ -7,6 +7,7 @@ grid size (pixel centres, not corners).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,35 +104,68 @@ class CrossBlock(nn.Module):
         kv = kv.permute(2, 0, 3, 1, 4)                                        # (2, B, H, L, Dh)
         return kv[0], kv[1]
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, window: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, window: "Windows | None" = None) -> Tensor:
         B, N, D = x.shape                                                     # (B, N, D)
         q = self.q(self.norm_q(x)).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
         if window is None:                                                    # global: every latent token
             a = F.scaled_dot_product_attention(q, k, v)                       # (B, H, N, Dh)
-        else:                                                                 # local: K latent tokens / query
-            # A batched matmul per query; SDPA's math path on 5-D inputs is slower on CPU.
-            kw, vw = k[:, :, window], v[:, :, window]                         # (B, H, N, K, Dh)
-            s = (q.unsqueeze(3) * q.shape[-1] ** -0.5) @ kw.transpose(-1, -2)    # (B, H, N, 1, K)
-            a = (s.softmax(dim=-1) @ vw).squeeze(3)                           # (B, H, N, Dh)
+        else:                                                                 # local: a window per latent cell
+            a = window.attend(q, k, v)                                        # (B, H, N, Dh)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
         return x + self.mlp(self.norm2(x))
 
 
-def window_indices(rows: Tensor, cols: Tensor, out_cell: float, height: int, width: int,
-                   h: int, w: int, size: int) -> Tensor:
-    """Flat latent indices of the size x size window around each query cell: (len(rows)*len(cols), K).
+@dataclass
+class Windows:
+    """Local cross-attention of a (nr x nc) grid of query cells: each query sees the size x size latent
+    window around the latent cell its centre falls in (shifted, not clamped, at the latent border).
 
-    The window is shifted (not clamped) at the latent border so it always holds min(size, h) distinct rows.
+    Queries are grouped by that latent cell: at an upscale every latent cell holds (H/8h) x (W/8w) queries
+    with the same window, so K/V are gathered once per latent cell instead of once per query (the per-query
+    gather moved 9x the K/V bytes through memory and was most of the mask tokens' time on CPU), and each
+    group is one small dense attention (m queries x K keys). Groups are padded to the largest one.
     """
-    def axis(idx: Tensor, extent: int, n: int) -> Tensor:
-        k = min(size, n)
-        centre = torch.floor(cell_centres(idx, out_cell, extent) * n).long()
-        start = (centre - size // 2).clamp(0, n - k)
-        return start[:, None] + torch.arange(k, device=idx.device)             # (len(idx), k)
+    rows: Tensor                      # (nr,) padded slot of each query row: group * m_r + position
+    cols: Tensor                      # (nc,)
+    groups: tuple[int, int, int, int]  # (G_r, m_r, G_c, m_c): groups and slots per group on each axis
+    kv_index: Tensor                  # (G_r * G_c, K) flat latent index of each group's window
 
-    ry, rx = axis(rows, height, h), axis(cols, width, w)
-    flat = ry[:, None, :, None] * w + rx[None, :, None, :]                    # (ny, nx, ky, kx)
-    return flat.reshape(len(rows) * len(cols), -1)
+    @classmethod
+    def build(cls, rows: Tensor, cols: Tensor, out_cell: float, height: int, width: int,
+              h: int, w: int, size: int) -> "Windows":
+        """rows, cols: ascending indices of the query cells (of size out_cell px) in a height x width image."""
+        def axis(idx: Tensor, extent: int, n: int):
+            k = min(size, n)
+            centre = torch.floor(cell_centres(idx, out_cell, extent) * n).long()   # latent cell, ascending
+            first = torch.ones_like(centre, dtype=torch.bool)
+            first[1:] = centre[1:] != centre[:-1]
+            group = first.cumsum(0) - 1                                            # (len,) group of each
+            pos = torch.arange(len(idx), device=idx.device) - first.nonzero().squeeze(1)[group]
+            m = int(pos.max()) + 1
+            start = (centre[first] - size // 2).clamp(0, n - k)
+            return group * m + pos, start[:, None] + torch.arange(k, device=idx.device), m  # window (G, k)
+
+        slot_r, win_r, m_r = axis(rows, height, h)
+        slot_c, win_c, m_c = axis(cols, width, w)
+        flat = win_r[:, None, :, None] * w + win_c[None, :, None, :]            # (G_r, G_c, k_r, k_c)
+        G_r, G_c = win_r.shape[0], win_c.shape[0]
+        return cls(slot_r, slot_c, (G_r, m_r, G_c, m_c), flat.reshape(G_r * G_c, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, H, nr*nc, Dh), k/v (B, H, L, Dh) -> (B, H, nr*nc, Dh)."""
+        B, H, N, Dh = q.shape
+        G_r, m_r, G_c, m_c = self.groups
+        nr, nc = len(self.rows), len(self.cols)
+        slots = (slice(None), slice(None), self.rows[:, None], self.cols[None, :])
+        qp = q.new_zeros(B, H, G_r * m_r, G_c * m_c, Dh)
+        qp[slots] = q.view(B, H, nr, nc, Dh)                                  # empty slots stay 0
+        qp = qp.view(B, H, G_r, m_r, G_c, m_c, Dh).transpose(3, 4)
+        qp = qp.reshape(B, H * G_r * G_c, m_r * m_c, Dh)                      # (B, H*G, m, Dh)
+        kw = k[:, :, self.kv_index].flatten(1, 2)                             # (B, H*G, K, Dh)
+        vw = v[:, :, self.kv_index].flatten(1, 2)
+        a = F.scaled_dot_product_attention(qp, kw, vw)                        # (B, H*G, m, Dh)
+        a = a.view(B, H, G_r, G_c, m_r, m_c, Dh).transpose(3, 4).reshape(B, H, G_r * m_r, G_c * m_c, Dh)
+        return a[slots].reshape(B, H, N, Dh)
 
 
 class ResBlock(nn.Module):

@@ -42,7 +42,7 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to decode (default cpu)")
     add_dtype_argument(parser)
     parser.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                        help="decode in tiles of N x N 8-px cells (default: from a 1 GiB activation budget)")
+                        help="decode in tiles of N x N 8-px cells (default: from a 768 MiB activation-estimate budget)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-file lines")
 
 
