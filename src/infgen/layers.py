@@ -104,7 +104,7 @@ class CrossBlock(nn.Module):
         kv = kv.permute(2, 0, 3, 1, 4)                                        # (2, B, H, L, Dh)
         return kv[0], kv[1]
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, window: "Windows | None" = None) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, window: Windows | None = None) -> Tensor:
         B, N, D = x.shape                                                     # (B, N, D)
         q = self.q(self.norm_q(x)).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, H, N, Dh)
         if window is None:                                                    # global: every latent token
