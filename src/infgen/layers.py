@@ -165,12 +165,10 @@ class Windows:
         vw = v[:, :, self.kv_index].flatten(1, 2)
         # CUDA's fused SDPA kernels launch one block per (batch, head) and fail above 65535 heads; at 1x
         # every query is its own group, so H*G reaches ~155k for a default tile. (Not run on a GPU here.)
-        if qp.is_cuda and qp.shape[1] > 65535:
-            a = torch.cat([F.scaled_dot_product_attention(qp[:, i:i + 65535], kw[:, i:i + 65535],
-                                                          vw[:, i:i + 65535])
-                           for i in range(0, qp.shape[1], 65535)], dim=1)
-        else:
-            a = F.scaled_dot_product_attention(qp, kw, vw)                    # (B, H*G, m, Dh)
+        step = 65535 if qp.is_cuda else qp.shape[1]
+        parts = [F.scaled_dot_product_attention(qp[:, i:i + step], kw[:, i:i + step], vw[:, i:i + step])
+                 for i in range(0, qp.shape[1], step)]
+        a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)          # (B, H*G, m, Dh)
         a = a.view(B, H, G_r, G_c, m_r, m_c, Dh).transpose(3, 4).reshape(B, H, G_r * m_r, G_c * m_c, Dh)
         return a[slots].reshape(B, H, N, Dh)
 
