@@ -79,6 +79,19 @@ def test_never_upsamples(tmp_path):
         take(make_loader(exact, **{**KW, "out_min": 96, "out_max": 96}), 1)
 
 
+@pytest.mark.parametrize("side", [88, 136])  # sides where math.exp(math.log(side)) > side in floating point
+def test_exact_size_photo_survives_log_rounding(tmp_path, side):
+    """The crop scale is exp(uniform(log lo, log hi)); it rounded past hi when lo == hi, which made the
+    crop wider than the photo and crashed a GPU training run at step ~1480 (numpy: high - low < 0)."""
+    import math
+    assert math.exp(math.log(side)) > side
+    noise(side, side, seed=4).save(tmp_path / "a.png")
+    batch = take(make_loader(tmp_path, **{**KW, "out_min": side, "out_max": side, "aspect_ratios": [1.0]}), 2)[1]
+    want = torch.from_numpy(np.array(noise(side, side, seed=4))).permute(2, 0, 1).float() / 127.5 - 1
+    assert batch["target"].shape == (3, 3, side, side)
+    torch.testing.assert_close(batch["target"][0], want, atol=1e-6, rtol=0)
+
+
 def test_bad_files_are_converted_or_skipped_and_counted(tmp_path):
     root = tmp_path / "bad"
     root.mkdir()

@@ -160,8 +160,9 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         if ch_max < ch_min:
             return "small"
         ch = math.exp(rng.uniform(math.log(ch_min), math.log(ch_max)))  # scale: log-uniform
-        cw = ch * ratio
-        x0, y0 = rng.uniform(0, iw - cw), rng.uniform(0, ih - ch)
+        ch = min(max(ch, ch_min), ch_max)  # exp(log(x)) can round past either end
+        cw = min(ch * ratio, iw)
+        x0, y0 = rng.uniform(0, max(iw - cw, 0.0)), rng.uniform(0, max(ih - ch, 0.0))
         try:
             # JPEG: decode at 1/2, 1/4 or 1/8 when that still leaves the crop >= both outputs (fast, and
             # still downsampling only). exif_transpose below needs the oriented size, so skip for rotated.
