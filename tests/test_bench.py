@@ -177,3 +177,15 @@ def test_quick_on_cuda(dtype, tmp_path):
     assert res["machine"]["gpu"] and all(c["status"] == "ok" for c in res["cases"])
     assert all(c["memory"]["method"].startswith("torch.cuda.max_memory_allocated") for c in res["cases"])
     assert all(c["output_bytes"] == 3 * c["height"] * c["width"] * 2 for c in res["cases"])
+
+
+def test_missing_diffusers_fails_before_any_case(monkeypatch, capsys, tmp_path):
+    """The sd-vae baseline needs diffusers; without it the bench stops at once, says how to go on, writes nothing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert main(["bench", "--quick", "--out", str(tmp_path / "b")]) == 2
+    captured = capsys.readouterr()
+    assert "--baselines codec" in captured.err and "tiny " not in captured.out
+    assert not (tmp_path / "b").exists()
