@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from infgen import InfGen, InfGenConfig
 from infgen.checkpoint import CheckpointError
+from infgen import layers
 from infgen.layers import Windows, grid_coords
 
 SIZES = [(1, 1), (17, 33), (64, 48), (1080, 1920)]
@@ -58,8 +59,10 @@ def test_chunked_decode_equals_plain(request, fixture, chunk):
     ((300, 200), (2, 7), (0, 38), (0, 25)),          # latent smaller than the window; partial last cell
     ((8, 8), (1, 1), (0, 1), (0, 1)),
 ])
-def test_local_windows_equal_masked_full_attention(size, latent, rows, cols):
+@pytest.mark.parametrize("max_heads", [65535, 7])  # 7: many SDPA calls, the CUDA head-limit split
+def test_local_windows_equal_masked_full_attention(size, latent, rows, cols, max_heads, monkeypatch):
     """Grouped local attention == full attention masked to the 3x3 latent window of each query's cell."""
+    monkeypatch.setattr(layers, "SDPA_MAX_HEADS", max_heads)
     (H, W), (h, w) = size, latent
     ri, ci = torch.arange(*rows), torch.arange(*cols)
     q = torch.randn(2, 4, len(ri) * len(ci), 8, dtype=torch.float64)
