@@ -47,9 +47,10 @@ photos: $(VENV)/.installed-dev
 # launched for 450 steps and stopped by SIGTERM at step 343), then a fine-tune of that InfGen with bf16
 # autocast and 256^2 render regions (launched for 850 steps, stopped by SIGTERM at step 647 and resumed to
 # 700 with the same schedule: exact resume makes that equal to the command below), then stage 4, then the bundle.
-# Stage 4 ran on a lent NVIDIA H200 (1500 steps of 32 x 512^2 regions in 4.7 min, ~0.19 s/step; on the photos
-# capped at 2400 px, because that machine takes at most 64 MiB of files). It runs on a CPU too, unchanged, but
-# there it is ~32x the work of a stage-3 step per step: about 80 hours on this 2-core CPU (an estimate, not run).
+# Stage 4 ran on a lent NVIDIA H200 with 16 CPU cores (1500 steps of 32 regions of up to 512^2 in 4.7 min,
+# ~0.19 s/step; on the photos capped at 2400 px, because that machine takes at most 64 MiB of files). Its
+# num_workers=14 suits that machine; on a CPU lower it. There each step is up to ~32x a stage-2 step's work:
+# tens of hours on this 2-core CPU (an estimate; not run).
 # Long: run it in the background; `--resume` continues an interrupted stage.
 train-default: photos
 	$(BIN)/infgen train --config configs/autoencoder-small.yaml --max-steps 700 --set optim.decay_steps=1500 \

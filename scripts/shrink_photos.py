@@ -2,14 +2,15 @@
 
 Stage 4 of `make train-default` trained on such a copy: the lent GPU machine takes at most 64 MiB of files
 with the repository, and the 70 training photos are 47 MB as shipped (32 MB at <= 2400 px, quality 92).
-Training crops are only ever downsampled, so capping the long side only narrows the range of crop scales.
+Training crops are only ever downsampled, so the cap narrows the range of crop scales; the copy is also
+re-encoded as JPEG (lossy for PNG sources).
 
     python scripts/shrink_photos.py --split data/splits/train.txt --root data/photos --out data/photos-2400
 """
 import argparse
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def main() -> None:
@@ -22,11 +23,15 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n.strip() for n in Path(a.split).read_text().splitlines() if n.strip() and not n.startswith("#")]
+    names = [n.strip() for n in Path(a.split).read_text().splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    stems = [Path(n).stem for n in names]
+    if len(set(stems)) != len(stems):
+        raise SystemExit(f"shrink_photos: two photos share a file stem in {a.split}; the copies would overwrite each other")
     written, total = [], 0
     for name in names:
         with Image.open(Path(a.root) / name) as im:
-            im = im.convert("RGB")  # the photos step already made every listed file RGB (or RGB-convertible)
+            im = ImageOps.exif_transpose(im).convert("RGB")  # upright, as the training loader sees it
             w, h = im.size
             f = min(1.0, a.long_side / max(w, h))
             if f < 1:

@@ -192,3 +192,5 @@ def test_missing_diffusers_fails_before_any_case(monkeypatch, capsys, tmp_path):
     captured = capsys.readouterr()
     assert "--baselines codec" in captured.err and "tiny " not in captured.out
     assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("made a temp dir before failing"))
+    assert main(["bench", "--quick"]) == 2                                    # no --out: no temp dir either

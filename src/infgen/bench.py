@@ -143,9 +143,8 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     o.device = pick_device(args.device)
     o.torch_dtype = DTYPES[args.dtype]
     o.memory = args.memory or ("inprocess" if args.quick or o.device.type == "cuda" else "isolated")
-    o.out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="infgen-bench-")) if args.quick
-                                             else Path("benchmarks/results"))
-    o.doc = Path(args.doc) if args.doc else (o.out / "benchmarks.md" if args.quick else Path("docs/benchmarks.md"))
+    o.out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))  # None: a temp dir
+    o.doc = Path(args.doc) if args.doc else (None if args.quick else Path("docs/benchmarks.md"))  # None: OUT/benchmarks.md
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         raise ValueError(f"--checkpoint {args.checkpoint}: not a directory")
     return o
@@ -844,6 +843,8 @@ def run(args: argparse.Namespace) -> int:
     if o.threads:
         torch.set_num_threads(o.threads)
     specs = _specs(o)  # before anything is written: a missing optional dependency stops here
+    o.out = o.out or Path(tempfile.mkdtemp(prefix="infgen-bench-"))
+    o.doc = o.doc or o.out / "benchmarks.md"
     o.out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine(o.device)
     # A GPU needs a large product to leave launch latency behind (512^3 read ~1% of an H200's bf16 rate).

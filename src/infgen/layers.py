@@ -167,7 +167,7 @@ class Windows:
         kw = k[:, :, self.kv_index].flatten(1, 2)                             # (B, H*G, K, Dh)
         vw = v[:, :, self.kv_index].flatten(1, 2)
         # CUDA's fused SDPA kernels launch one block per (batch, head) and fail above 65535 heads; at 1x
-        # every query is its own group, so H*G exceeds that once a tile holds > 16384 latent cells. The split
+        # every query is its own group, so H*G exceeds that once a tile holds >= 16384 latent cells. The split
         # runs on every device, so the CPU tests cover it (never yet reached on a GPU: docs/benchmarks.md).
         step = SDPA_MAX_HEADS
         parts = [F.scaled_dot_product_attention(qp[:, i:i + step], kw[:, i:i + step], vw[:, i:i + step])
