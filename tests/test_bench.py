@@ -1,6 +1,7 @@
 """`infgen bench`: the --quick harness end to end, plus the pieces whose logic decides what the docs claim
 (exponent fit, skip budget, targets, doc section replacement)."""
 import argparse
+import importlib.util
 import json
 import math
 
@@ -172,7 +173,6 @@ def test_cuda_without_cuda_is_a_clear_error(capsys, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_quick_on_cuda(dtype, tmp_path):
-    import importlib.util
     baselines = "sd-vae,codec" if importlib.util.find_spec("diffusers") else "codec"  # diffusers is an extra
     assert main(["bench", "--quick", "--device", "cuda", "--dtype", dtype, "--baselines", baselines,
                  "--out", str(tmp_path)]) == 0
@@ -184,8 +184,6 @@ def test_quick_on_cuda(dtype, tmp_path):
 
 def test_missing_diffusers_fails_before_any_case(monkeypatch, capsys, tmp_path):
     """The sd-vae baseline needs diffusers; without it the bench stops at once, says how to go on, writes nothing."""
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
     assert main(["bench", "--quick", "--out", str(tmp_path / "b")]) == 2

@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from infgen import InfGen, InfGenConfig
+from infgen import InfGen, InfGenConfig, layers
 from infgen.checkpoint import CheckpointError
-from infgen import layers
 from infgen.layers import Windows, grid_coords
 
 SIZES = [(1, 1), (17, 33), (64, 48), (1080, 1920)]
@@ -58,8 +57,8 @@ def test_chunked_decode_equals_plain(request, fixture, chunk):
     ((37, 1000), (5, 9), (0, 5), (3, 125)),          # downscale on one axis, upscale on the other
     ((300, 200), (2, 7), (0, 38), (0, 25)),          # latent smaller than the window; partial last cell
     ((8, 8), (1, 1), (0, 1), (0, 1)),
-    ((256, 256), (32, 32), (3, 29), (0, 32)),        # 1x: every query its own group (the singles path)
-    ((128, 96), (32, 32), (0, 16), (0, 12)),         # 0.5x: singles that skip latent cells
+    ((256, 256), (32, 32), (3, 29), (0, 32)),        # 1x: every query its own group
+    ((128, 96), (32, 32), (0, 16), (0, 12)),         # 0.5x: one-query groups that skip latent cells
 ])
 @pytest.mark.parametrize("max_heads", [65535, 7])  # 7: many SDPA calls, the CUDA head-limit split
 def test_local_windows_equal_masked_full_attention(size, latent, rows, cols, max_heads, monkeypatch):

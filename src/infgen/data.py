@@ -162,7 +162,7 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         ch = math.exp(rng.uniform(math.log(ch_min), math.log(ch_max)))  # scale: log-uniform
         ch = min(max(ch, ch_min), ch_max)  # exp(log(x)) can round past either end
         cw = min(ch * ratio, iw)
-        x0, y0 = rng.uniform(0, max(iw - cw, 0.0)), rng.uniform(0, max(ih - ch, 0.0))
+        x0, y0 = rng.uniform(0, iw - cw), rng.uniform(0, ih - ch)          # both >= 0 after the clamps
         try:
             # JPEG: decode at 1/2, 1/4 or 1/8 when that still leaves the crop >= both outputs (fast, and
             # still downsampling only). exif_transpose below needs the oriented size, so skip for rotated.
