@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: 2.13.0 is the small CPU wheel these machines carry; anything else pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv browser clean photos train-default eval
+.PHONY: demo test venv browser clean photos train-default train-16ch eval
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -75,6 +75,15 @@ train-default: photos
 		--set train.log_every=10 --set train.sample_every=0 --set train.ckpt_every=100000
 	$(BIN)/infgen bundle --infgen runs/infgen-small-4/final --codec runs/autoencoder/final \
 		--out src/infgen/assets/default --train-latent 32 --max-scale 4
+
+# The next default, in training (docs/training.md, "The 16-channel default"): the 16-channel codec, then
+# InfGen `small` on it with L1 + perceptual + PatchGAN and seam-free windows. Both on the 2-core CPU, in the
+# background, resumable: each command continues its run with --resume after a stop. The InfGen run was
+# started from checkpoint weights committed under runs-seed/ when a session ended mid-run (see the doc).
+train-16ch: photos
+	$(BIN)/infgen data cache data/splits/train.txt --root data/photos --cache data/cache
+	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --resume
 
 # The evaluation table in the README (needs `make photos`).
 eval: $(VENV)/.installed-dev

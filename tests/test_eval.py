@@ -8,7 +8,7 @@ from PIL import Image
 
 from infgen.cli import main
 from infgen.evaluate import centre_crop
-from infgen.metrics import fid_from_features, kid_from_features, psnr, ssim
+from infgen.metrics import fid_from_features, kid_from_features, lattice_differences, psnr, ssim
 
 
 def test_psnr_known_answer():
@@ -42,6 +42,18 @@ def test_kid_known_answers():
     assert abs(same) < 0.05 and shifted > 0.5
 
 
+def test_lattice_differences_known_answer():
+    # a ramp of 0.01 per column plus a jump of 0.05 at every 16-px border; rows constant
+    x = torch.arange(64, dtype=torch.float32) * 0.01 + (torch.arange(64) // 16) * 0.05
+    img = x.expand(1, 3, 64, 64)
+    cell, other = lattice_differences(img, (16, 16))[0]
+    # borders at 16, 32, 48 on each axis: rows 0, columns 0.06; other token borders 8, 24, 40, 56: 0 and 0.01
+    torch.testing.assert_close(cell, torch.tensor(0.03))
+    torch.testing.assert_close(other, torch.tensor(0.005))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        lattice_differences(img, (12, 16))
+
+
 def test_centre_crop_box():
     im = Image.new("RGB", (400, 300))
     assert centre_crop(im, 1.0) == (50, 0, 350, 300)
@@ -66,12 +78,15 @@ def test_eval_end_to_end_on_tiny_bundle(tiny_bundle, tmp_path):
     assert list(res) == ["1x", "2x", "96x48"]
     assert res["2x"]["size"] == [64, 64] and res["2x"]["n_images"] == 1 and res["2x"]["skipped_too_small"] == 1
     for entry in res.values():
-        for m in ("infgen", "ae+bicubic", "ae+lanczos"):
+        for m in ("infgen", "ae+bicubic", "ae+lanczos", "bicubic", "lanczos"):
             assert np.isfinite(entry[m]["psnr"]) and -1 <= entry[m]["ssim"] <= 1
             assert np.isfinite(entry[m]["kid"]) and np.isfinite(entry[m]["patch_fid"])
             assert entry[m]["n_patches"] == 2
     # at 1x the two resize baselines are the autoencoder's own decode: identical scores
     assert res["1x"]["ae+bicubic"]["psnr"] == res["1x"]["ae+lanczos"]["psnr"]
+    # the lattice ratio exists at the 2x upscale only (16-px latent cells; 1x has none, 96x48 is fractional)
+    assert all(np.isfinite(res["2x"][m]["lattice"]) for m in ("infgen", "bicubic"))
+    assert res["1x"]["infgen"]["lattice"] is None and res["96x48"]["infgen"]["lattice"] is None
     assert "| 2x (64x64, n=1) | **InfGen** |" in (out / "results.md").read_text()
     assert len(list((out / "crops").glob("*.png"))) == 3
 

@@ -30,13 +30,28 @@ def test_hinge_g_loss_is_minus_mean_logit():
 
 def test_adaptive_weight_is_gradient_norm_ratio():
     layer = torch.nn.Linear(3, 2)
-    y = layer(torch.randn(4, 3))
-    rec, gan = y.sum(), 4.0 * y.sum()                       # grad_gan = 4 * grad_rec
-    g = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0].norm()
-    w = adaptive_weight(rec, gan, layer.weight)
-    torch.testing.assert_close(w, g / (4 * g + 1e-4))      # ~0.25
+    y = layer(torch.randn(4, 3))                            # the prediction; its graph reaches layer.weight
+    leaf = y.detach().requires_grad_()
+    rec, gan = (leaf ** 2).sum(), 4.0 * leaf.sum()
+    rec_grad, gan_grad = torch.autograd.grad(rec, leaf)[0], torch.autograd.grad(gan, leaf)[0]
+    full_rec = torch.autograd.grad((y ** 2).sum(), layer.weight, retain_graph=True)[0].norm()
+    full_gan = torch.autograd.grad(4.0 * y.sum(), layer.weight, retain_graph=True)[0].norm()
+    w = adaptive_weight(y, rec_grad, gan_grad, layer.weight)
+    torch.testing.assert_close(w, full_rec / (full_gan + 1e-4))  # the same ratio as through the whole graph
     assert not w.requires_grad
-    assert adaptive_weight(rec, 1e-9 * y.sum(), layer.weight, max_weight=7.0) == 7.0  # clamped
+    assert adaptive_weight(y, rec_grad, 1e-9 * gan_grad, layer.weight, max_weight=7.0) == 7.0  # clamped
+
+
+def test_perceptual_samples_uses_the_first_k_only():
+    class FirstPixel(torch.nn.Module):                      # a per-sample "distance" that is easy to predict
+        def forward(self, x, y):
+            return (x - y)[:, 0, 0, 0].abs()
+    x, y = torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+    x[:, 0, 0, 0] = torch.tensor([1.0, 3.0, 100.0, 100.0])
+    _, all_parts = reconstruction_loss(x, y, FirstPixel(), 1.0)
+    _, two = reconstruction_loss(x, y, FirstPixel(), 1.0, perceptual_samples=2)
+    torch.testing.assert_close(all_parts["perceptual"], torch.tensor(51.0))
+    torch.testing.assert_close(two["perceptual"], torch.tensor(2.0))
 
 
 def test_reconstruction_loss_known_values():

@@ -81,6 +81,41 @@ def test_local_windows_equal_masked_full_attention(size, latent, rows, cols, max
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     got = Windows.build(ri, ci, 8.0, H, W, h, w, 3).attend(q, k, v)
     torch.testing.assert_close(got, ref)
+    # Seam-free windows: full attention over every latent token with the Hann-window bias of each key's
+    # distance from the query's own coordinate (-inf beyond 1.5 cells) gives the same as the grouped form.
+    py, px = (ri * 8 + 4) / H * h, (ci * 8 + 4) / W * w                      # queries, in latent cells
+    by = layers.hann_log_weight(py[:, None] - (ly[None] + 0.5), 1.5)           # (nr, h)
+    bx = layers.hann_log_weight(px[:, None] - (lx[None] + 0.5), 1.5)           # (nc, w)
+    bias = (by[:, None, :, None] + bx[None, :, None, :]).reshape(len(ri) * len(ci), h * w).double()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    got = Windows.build(ri, ci, 8.0, H, W, h, w, 3, falloff=True).attend(q, k, v)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("falloff", ["hann", "none"])
+def test_token_features_are_continuous_across_latent_cell_borders(falloff):
+    """At a 16x upscale neighbouring mask tokens are 1/16 latent cell apart. Seam-free windows: the step
+    between two tokens on either side of a latent-cell border is no larger than between tokens inside a
+    cell; the hard window (none) jumps there, which drew the latent-cell lattice at 4x."""
+    torch.manual_seed(0)
+    # A smooth INPE (low Fourier scale) and a strong attention output, so that what the attention brings
+    # dominates the token features, as it does after training (at initialisation it is near zero).
+    model = InfGen(InfGenConfig.preset("tiny", attn_window_falloff=falloff, fourier_scale=1.0)).eval()
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.proj.weight, std=0.5)
+    z = torch.randn(1, 4, 6, 6)
+    H = W = 8 * 16 * 6                                                         # 16 tokens per latent cell
+    with torch.no_grad():
+        ctx = model.context(z)
+        rows, cols = torch.arange(40, 41), torch.arange(0, W // 8)             # one row of tokens
+        f = model.tokens(ctx, H, W, rows, cols)[0]                             # (W/8, D)
+    step = (f[1:] - f[:-1]).norm(dim=-1)                                       # (W/8 - 1,) neighbour steps
+    border = (cols[1:] % 16 == 0)                                              # pair straddles a cell border
+    across, inside = step[border].max(), step[~border].max()
+    if falloff == "hann":
+        assert across <= inside, (float(across), float(inside))
+    else:
+        assert across > 3 * inside, (float(across), float(inside))            # the seam this test guards
 
 
 def test_auto_chunking_with_small_budget_is_exact(tiny):
@@ -89,6 +124,20 @@ def test_auto_chunking_with_small_budget_is_exact(tiny):
     budget = tiny.bytes_per_cell(1) * (tiny.halo * 2 + 8) ** 2  # forces tiles of 8 cells
     assert tiny.auto_chunk_size(1, budget) == 8
     torch.testing.assert_close(tiny.decode(z, 100, 140, memory_budget=budget), plain, rtol=0, atol=1e-5)
+
+
+def test_region_render_without_halo_is_exact_inside_the_receptive_field(tiny):
+    """halo=False (training): pixels farther than the decoder's reach from the region's edge equal the full
+    decode; the edge itself sees zero padding instead of the neighbouring cells and differs."""
+    z = torch.randn(1, 4, 6, 6)
+    r = tiny.decoder.radius_px
+    with torch.no_grad():
+        full = tiny(z, 400, 400)
+        part = tiny(z, 400, 400, region=(12, 14, 16, 16), halo=False)        # 128 x 128 px from (96, 112)
+    assert part.shape == (1, 3, 128, 128)
+    crop = full[:, :, 96:224, 112:240]
+    torch.testing.assert_close(part[:, :, r:-r, r:-r], crop[:, :, r:-r, r:-r], rtol=0, atol=1e-5)
+    assert (part[:, :, :4] - crop[:, :, :4]).abs().max() > 1e-3
 
 
 def test_region_render_equals_crop_of_full(tiny):

@@ -145,3 +145,32 @@ def test_codec_from_another_latent_space_is_refused(pipe):
     from infgen import InfGen, InfGenConfig
     with pytest.raises(ValueError, match="trained on another latent space"):
         InfGenPipeline(InfGen(InfGenConfig.preset("tiny", scaling_factor=0.5)), pipe.codec)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-16ch"])
+def test_latent_channels_come_from_the_codec(preset, tmp_path):
+    """4- and 16-channel codecs: encode shapes, exact tiled encode, decodes, extrapolation and a bundle round
+    trip, with the channel count taken from the codec and the InfGen config only."""
+    from infgen import InfGen, InfGenConfig
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    from infgen.codecs import AutoencoderCodec
+    from infgen.pipeline import BundleInfo
+
+    ae = KLAutoencoder(AutoencoderConfig.preset(preset)).eval()
+    C = ae.latent_channels
+    assert C == (16 if preset.endswith("16ch") else 4)
+    pipe = InfGenPipeline(InfGen(InfGenConfig.preset("tiny", latent_channels=C, scaling_factor=1.0)).eval(),
+                          AutoencoderCodec(ae), BundleInfo(train_latent=8, max_scale=2.0, window_margin=2))
+    x = torch.rand(1, 3, 300, 260) * 2 - 1
+    z = pipe.encode(x, tile=10_000)
+    assert z.shape == (1, C, 38, 33)
+    torch.testing.assert_close(pipe.encode(x, tile=64), z, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert pipe.codec.decode(z).shape == (1, 3, 304, 264)
+    assert pipe.decode(z[..., :8, :8], 50, 70).shape == (1, 3, 50, 70)      # one pass
+    assert pipe.decode(z, 600, 520).shape == (1, 3, 600, 520)                # windows + extrapolation
+    pipe.save_pretrained(tmp_path)
+    again = InfGenPipeline.from_pretrained(tmp_path)
+    assert again.codec.latent_channels == C and again.model.config.latent_channels == C
+    with pytest.raises(ValueError, match=f"expects latent_channels={C}"):
+        pipe.decode(torch.randn(1, 20 - C, 8, 8), 64, 64)                   # the other channel count

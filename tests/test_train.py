@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from infgen import InfGen
+from infgen import InfGen, InfGenConfig
 from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
 from infgen.cli import main
 from infgen.train import OptimConfig, load_config, lr_at
@@ -84,13 +84,23 @@ def subprocess_env() -> dict:
 
 def test_train_autoencoder_then_infgen(tmp_path, images):
     ae_cfg = {"kind": "autoencoder", "model": {"preset": "tiny"},
-              "data": {"source": str(images), "input_size": 32, "batch_size": 2, "num_workers": 0},
+              "data": {"source": str(images), "input_size": 32, "batch_size": 2, "num_workers": 0,
+                       "cache": str(tmp_path / "cache"), "val_source": str(images), "val_input_size": 24},
               "loss": {"perceptual": "none", "gan_weight": 0.0},
               "optim": {"lr": 1e-3, "warmup_steps": 1},
-              "train": {"max_steps": 2, "log_every": 1, "ckpt_every": 2, "sample_every": 2, "stats_batches": 2}}
+              "train": {"max_steps": 2, "log_every": 1, "ckpt_every": 2, "sample_every": 2, "stats_batches": 2,
+                        "eval_every": 1}}
     ae_out = tmp_path / "ae"
     assert main(["train", "--config", str(write_config(tmp_path / "ae.yaml", ae_cfg)), "--output", str(ae_out)]) == 0
-    assert all(np.isfinite(m["loss"]) and np.isfinite(m["kl"]) for m in metrics(ae_out))
+    logged = [m for m in metrics(ae_out) if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2]
+    for m in logged:                                          # the step split into its parts, in seconds
+        assert np.isfinite(m["loss"]) and np.isfinite(m["kl"])
+        parts = [m[f"t_{k}"] for k in ("data", "model", "loss_nets", "optimizer")]
+        assert all(t >= 0 for t in parts) and m["s_per_step"] == pytest.approx(sum(parts))
+    val = [m for m in metrics(ae_out) if "val_psnr" in m]     # the eval protocol on the 6 images, every step
+    assert [m["step"] for m in val] == [1, 2] and all(np.isfinite(m["val_psnr"]) and m["val_images"] == 6 for m in val)
+    assert len(list((tmp_path / "cache").iterdir())) == 6    # decoded once into the photo cache
     assert checkpoints(ae_out) == ["step-000000002"]
     ae = KLAutoencoder.from_pretrained(ae_out / "final")
     assert ae.config.scaling_factor != 1.0 and ae.config.shift_factor != 0.0  # measured latent statistics
@@ -104,6 +114,7 @@ def test_train_autoencoder_then_infgen(tmp_path, images):
     assert [m["step"] for m in logged] == [1, 2, 3]
     for m in logged:
         assert np.isfinite(m["loss"]) and np.isfinite(m["vgg19_feat"]) and m["vgg19_feat"] > 0
+        assert m["t_codec"] >= 0 and m["t_loss_nets"] > 0          # frozen encoder; VGG19 and the critic
         assert not any("lpips" in k for k in m)             # the VGG distance is never called LPIPS
     assert "d_loss" in logged[-1] and np.isfinite(logged[-1]["d_weight"])
     assert checkpoints(out) == ["step-000000002", "step-000000003"]
@@ -116,6 +127,18 @@ def test_train_autoencoder_then_infgen(tmp_path, images):
     img = model.decode(torch.randn(1, 4, 4, 4), 20, 36)
     assert img.shape == (1, 3, 20, 36) and torch.isfinite(img).all()
     assert (out / "samples" / "step-000000003.png").is_file()
+
+
+def test_warm_start_copies_matching_tensors(tmp_path):
+    from infgen.train import warm_start
+    source = InfGen(InfGenConfig.preset("tiny", latent_channels=16))
+    source.save_pretrained(tmp_path / "src")
+    target = InfGen(InfGenConfig.preset("tiny"))                  # 4 channels: latent_in differs in shape
+    fresh = target.latent_in.weight.detach().clone()
+    copied, skipped = warm_start(target, tmp_path / "src")
+    assert skipped == ["latent_in.weight"] and len(copied) == len(source.state_dict()) - 1
+    torch.testing.assert_close(target.decoder.conv_out.weight, source.decoder.conv_out.weight, rtol=0, atol=0)
+    torch.testing.assert_close(target.latent_in.weight, fresh, rtol=0, atol=0)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, images, codec_dir, capsys):
@@ -170,6 +193,10 @@ def test_set_overrides_and_yaml_floats(tmp_path):
     assert cfg.model.overrides == {"depth": 2, "hidden_size": 64}
     with pytest.raises(ValueError, match="out_min"):
         load_config(None, ["data.out_min=2048", "data.out_max=512"])
+    # documented string values that YAML 1.1 reads as booleans stay strings; null still means None
+    cfg = load_config(path, ["train.mixed_precision=no", "data.cache=null", "codec=off", "train.cpu=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.data.cache is None and cfg.codec == "off"
+    assert cfg.train.cpu is True
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

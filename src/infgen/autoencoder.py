@@ -1,4 +1,4 @@
-"""The project's own small KL autoencoder (f8, 4 latent channels): the embedded default's latent space.
+"""The project's own small KL autoencoder (f8, 4 or 16 latent channels): the embedded default's latent space.
 
 No pretrained SD-VAE can be downloaded where this project is trained, so it ships its own. Like the InfGen
 decoder it has no image-wide normalisation (no GroupNorm): encode/decode are local and tile exactly.
@@ -52,6 +52,9 @@ class AutoencoderConfig:
         presets = {
             "tiny": dict(encoder_channels=(8, 16, 16, 16), decoder_channels=(16, 16, 16, 8)),
             "small": {},
+            # 16 latent channels at f8, as SD3 / FLUX: 16 numbers per 192 pixel values instead of 4.
+            "small-16ch": dict(latent_channels=16),
+            "tiny-16ch": dict(latent_channels=16, encoder_channels=(8, 16, 16, 16), decoder_channels=(16, 16, 16, 8)),
         }
         if name not in presets:
             raise ValueError(f"unknown autoencoder preset {name!r}; expected one of {sorted(presets)}")

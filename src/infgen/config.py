@@ -26,6 +26,9 @@ class InfGenConfig:
     mask_mlp_ratio: float = 2.0       # MLP width of mask-token blocks (these run once per output token)
     attn_window: int = 0              # 0: mask tokens attend to all latent tokens (paper);
                                       # k (odd): to the k x k latent tokens around their position (ours)
+    attn_window_falloff: str = "hann"  # hann: window weights fall smoothly to 0 at its edge, seam-free
+                                      # (layers.Windows); none: a hard window that jumps at latent-cell
+                                      # borders (the first bundled model, trained so)
     fourier_features: int = 128       # F: random Fourier features of the sphere point
     fourier_scale: float = 10.0       # std of the Gaussian Fourier matrix B
     inpe_hidden: int = 256            # hidden width of the INPE MLP
@@ -52,6 +55,8 @@ class InfGenConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.attn_window < 0 or (self.attn_window and self.attn_window % 2 == 0):
             raise ValueError(f"attn_window must be 0 (global) or an odd size >= 1, got {self.attn_window}")
+        if self.attn_window_falloff not in ("hann", "none"):
+            raise ValueError(f"attn_window_falloff must be 'hann' or 'none', got {self.attn_window_falloff!r}")
         for name in ["scaling_factor", "shift_factor", "mlp_ratio", "mask_mlp_ratio", "fourier_scale"]:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):

@@ -17,6 +17,9 @@ Targets are only ever DOWNsampled: a photo too small for the batch's size is ski
 Determinism: a folder or split list gives the same batches for the same (seed, rank, world_size) whatever
 num_workers is, and `start=k` resumes exactly at batch k. Shards are a stream: the same (seed, rank,
 world_size, num_workers) gives the same batches, and `start` only reseeds.
+
+Speed: `cache=DIR` reads decoded photo pyramids (photo_cache.py, built once) instead of decoding a 2-6K-pixel
+JPEG per sample; the crop recipe is the same, the pixels differ only by the pyramid's resampling.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .photo_cache import CachedPhoto, build_cache
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -105,7 +110,8 @@ class MultiResDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, source, *, input_size: int, out_min: int, out_max: int, aspect_ratios: Sequence[float],
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, min_side: int | None = None,
-                 root: str | Path | None = None, start: int = 0, multiple: int = 8):
+                 root: str | Path | None = None, start: int = 0, multiple: int = 8,
+                 cache: str | Path | None = None):
         for name, v in dict(input_size=input_size, out_min=out_min, out_max=out_max, batch_size=batch_size,
                             world_size=world_size, multiple=multiple).items():
             if not isinstance(v, int) or v < 1:
@@ -121,7 +127,7 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.min_side, self.start = min_side or 0, start
         self.source = source
-        self.files, self.shards = _resolve_source(source, root)
+        self.files, self.shards = resolve_source(source, root)
         if self.files is not None:
             if not self.files:
                 raise ValueError(f"no image files (jpg, jpeg, png, webp) in {source}")
@@ -130,6 +136,9 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         elif not self.shards:
             raise ValueError(f"no webdataset shards match {source}")
         self.stats = DataStats()
+        self.cached: dict[Path, CachedPhoto | None] | None = None          # photo_cache entries by file
+        if cache is not None and self.files is not None:
+            self.cached = build_cache(self.files, cache, progress=rank == 0)
 
     # -- one sample ----------------------------------------------------------------------------------------
     def _open(self, data: Path | bytes) -> Image.Image | None:
@@ -143,26 +152,53 @@ class MultiResDataset(torch.utils.data.IterableDataset):
             return None
 
     def _load(self, data: Path | bytes, h: int, w: int, rng: np.random.Generator):
+        if self.cached is not None:
+            entry = self.cached.get(data)
+            return "corrupt" if entry is None else self._sample_cached(entry, h, w, rng)
         im = self._open(data)
         if im is None:
             return "corrupt"
         with im:
             return self._sample(im, h, w, rng)
 
-    def _sample(self, im: Image.Image, h: int, w: int, rng: np.random.Generator):
-        """Random crop of aspect w/h and random scale -> (input, target) tensors, or 'small' / 'corrupt'."""
-        iw, ih = _oriented_size(im)
+    def _crop_box(self, iw: int, ih: int, h: int, w: int, rng: np.random.Generator):
+        """Random crop of aspect w/h at a log-uniform scale: (x0, y0, x1, y1) in the photo's pixels, or None
+        when the photo is too small for an (h, w) target without upsampling."""
         if min(iw, ih) < self.min_side:
-            return "small"
+            return None
         ratio = w / h
         ch_max = min(ih, iw / ratio)   # largest crop height with this aspect ratio
         ch_min = float(h)              # crop height at which the target is the crop at 1:1 (no upsampling)
         if ch_max < ch_min:
-            return "small"
+            return None
         ch = math.exp(rng.uniform(math.log(ch_min), math.log(ch_max)))  # scale: log-uniform
         ch = min(max(ch, ch_min), ch_max)  # exp(log(x)) can round past either end
         cw = min(ch * ratio, iw)
         x0, y0 = rng.uniform(0, iw - cw), rng.uniform(0, ih - ch)          # both >= 0 after the clamps
+        return x0, y0, x0 + cw, y0 + ch
+
+    def _finish(self, target: Image.Image, inp: Image.Image, converted: bool, rng: np.random.Generator):
+        if rng.random() < 0.5:                                             # horizontal flip, both alike
+            target, inp = (im.transpose(Image.FLIP_LEFT_RIGHT) for im in (target, inp))
+        return _to_tensor(inp), _to_tensor(target), converted
+
+    def _sample_cached(self, entry: CachedPhoto, h: int, w: int, rng: np.random.Generator):
+        """The recipe of _sample, read from the decoded pyramid (photo_cache.py) instead of the JPEG."""
+        box = self._crop_box(*entry.size, h, w, rng)
+        if box is None:
+            return "small"
+        S = self.input_size
+        target = entry.crop(box, (w, h))
+        inp = target if (h, w) == (S, S) else entry.crop(box, (S, S))
+        return self._finish(target, inp, entry.converted, rng)
+
+    def _sample(self, im: Image.Image, h: int, w: int, rng: np.random.Generator):
+        """Random crop of aspect w/h, random scale and flip -> (input, target) tensors, or 'small' / 'corrupt'."""
+        iw, ih = _oriented_size(im)
+        box = self._crop_box(iw, ih, h, w, rng)
+        if box is None:
+            return "small"
+        cw, ch = box[2] - box[0], box[3] - box[1]
         try:
             # JPEG: decode at 1/2, 1/4 or 1/8 when that still leaves the crop >= both outputs (fast, and
             # still downsampling only). exif_transpose below needs the oriented size, so skip for rotated.
@@ -175,11 +211,12 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         except Exception:
             return "corrupt"
         sx, sy = im.width / iw, im.height / ih
-        box = (x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         assert box[3] - box[1] >= h - 0.5 and box[2] - box[0] >= w - 0.5, "crop smaller than target"
         target = im.resize((w, h), Image.LANCZOS, box=box, reducing_gap=3.0)
-        inp = im.resize((self.input_size, self.input_size), Image.LANCZOS, box=box, reducing_gap=3.0)
-        return _to_tensor(inp), _to_tensor(target), converted
+        S = self.input_size
+        inp = target if (h, w) == (S, S) else im.resize((S, S), Image.LANCZOS, box=box, reducing_gap=3.0)
+        return self._finish(target, inp, converted, rng)
 
     # -- batches -------------------------------------------------------------------------------------------
     def _rng(self, *key: int) -> np.random.Generator:
@@ -298,6 +335,11 @@ class MultiResDataset(torch.utils.data.IterableDataset):
         """Fail early, in the main process, when not one file of the source is readable."""
         if self.files is None:
             return
+        if self.cached is not None:
+            if any(e is not None for e in self.cached.values()):
+                return
+            raise ValueError(f"no readable image in {self.source} ({len(self.files)} files for rank {self.rank}, "
+                             f"all corrupt, empty or not images)")
         for path in self.files:
             im = self._open(path)
             if im is None:
@@ -317,7 +359,7 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (im.height, im.width) if orientation in (5, 6, 7, 8) else (im.width, im.height)
 
 
-def _resolve_source(source, root) -> tuple[list[Path] | None, list[str] | None]:
+def resolve_source(source, root) -> tuple[list[Path] | None, list[str] | None]:
     """(files, None) for a folder / split list / list of files; (None, shard urls) for webdataset shards."""
     if isinstance(source, (list, tuple)):
         if all(Path(s).suffix.lower() in IMAGE_SUFFIXES for s in source):
@@ -371,14 +413,17 @@ class Loader:
 def make_loader(source, *, input_size: int, out_min: int, out_max: int, aspect_ratios: list[float],
                 batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
                 min_side: int | None = None, root: str | Path | None = None, start: int = 0,
-                multiple: int = 8) -> Loader:
+                multiple: int = 8, cache: str | Path | None = None) -> Loader:
     """Infinite multi-resolution batches from a folder, a .txt split list (names relative to `root`, default
     the list's folder), a list of image files, or webdataset shard urls ("shards/train-{000000..000009}.tar").
     `start`: index of the first batch (exact resume for folders / lists). `multiple`: H and W are multiples
-    of it. Raises ValueError when the source has no readable image."""
+    of it. `cache`: a folder of decoded photo pyramids (photo_cache.py; built on first use) to read instead
+    of decoding the files at every sample (folders and split lists; shards are a stream and ignore it).
+    Raises ValueError when the source has no readable image."""
     dataset = MultiResDataset(source, input_size=input_size, out_min=out_min, out_max=out_max,
                               aspect_ratios=aspect_ratios, batch_size=batch_size, seed=seed, rank=rank,
-                              world_size=world_size, min_side=min_side, root=root, start=start, multiple=multiple)
+                              world_size=world_size, min_side=min_side, root=root, start=start, multiple=multiple,
+                              cache=cache)
     dataset.probe()
     return Loader(dataset, num_workers)
 

@@ -5,10 +5,14 @@ Protocol (per validation photo, per target):
   target = crop resized (Lanczos, downsampling only) to the target size  -- the ground truth
   input  = crop resized to input_size x input_size, encoded by the frozen encoder -> latent z
   InfGen               = pipe.decode(z, H, W)
-  autoencoder + resize = codec.decode(z) (native 8x size), then bicubic / Lanczos to (H, W)
+  autoencoder + resize = codec.decode(z) (native 8x size), then bicubic / Lanczos to (H, W): the paper's
+                         baseline on the same latent
+  bicubic / Lanczos    = the input image itself resized to (H, W): what a person upscaling a photo does
 Metrics: PSNR and SSIM per image; KID and patch-FID on random native-resolution patches (patch x patch
-pixels, never resized before cropping), Inception-v3 features. Photos too small for a target are skipped
-and counted (the ground truth is never upsampled).
+pixels, never resized before cropping), Inception-v3 features; the lattice ratio at upscales by an
+integer factor >= 2 (metrics.lattice_differences: latent-cell borders against the other token borders,
+pooled over the photos; compare it with the bicubic row's). Photos too small for a target are skipped and
+counted (the ground truth is never upsampled).
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import atomic_write_bytes
-from .metrics import InceptionFeatures, fid_from_features, kid_from_features, psnr, ssim
+from .metrics import InceptionFeatures, fid_from_features, kid_from_features, lattice_differences, psnr, ssim
 from .pipeline import InfGenPipeline, pil_to_tensor, tensor_to_pil
 
-METHODS = ("infgen", "ae+bicubic", "ae+lanczos")
+METHODS = ("infgen", "ae+bicubic", "ae+lanczos", "bicubic", "lanczos")
+LABELS = {"infgen": "**InfGen**", "ae+bicubic": "AE + bicubic", "ae+lanczos": "AE + Lanczos",
+          "bicubic": "bicubic of the input", "lanczos": "Lanczos of the input"}
 
 
 def centre_crop(im: Image.Image, aspect: float) -> tuple[int, int, int, int]:
@@ -37,6 +43,20 @@ def centre_crop(im: Image.Image, aspect: float) -> tuple[int, int, int, int]:
     cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
     left, top = (w - cw) // 2, (h - ch) // 2
     return left, top, left + cw, top + ch
+
+
+def validation_pairs(photos: list[Path], input_size: int, scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) of each photo under this protocol for a square target of input_size * scale px:
+    (1, 3, s, s) tensors in [-1, 1]. Photos too small for the target are left out."""
+    pairs, side = [], input_size * scale
+    for path in photos:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        box = centre_crop(im, 1.0)
+        if box[2] - box[0] >= side:
+            pairs.append((pil_to_tensor(im.resize((input_size, input_size), Image.LANCZOS, box=box)),
+                          pil_to_tensor(im.resize((side, side), Image.LANCZOS, box=box))))
+    return pairs
 
 
 def _resize(x: torch.Tensor, h: int, w: int, method: str) -> torch.Tensor:
@@ -67,7 +87,9 @@ def evaluate(pipe: InfGenPipeline, photos: list[Path], targets: list[tuple[str, 
     from tqdm.auto import tqdm
     for name, H, W in targets:
         rng = np.random.default_rng(seed)
-        scores = {m: {"psnr": [], "ssim": []} for m in METHODS}
+        scores = {m: {"psnr": [], "ssim": [], "lattice": []} for m in METHODS}
+        latent_cell = (H / (input_size // 8), W / (input_size // 8))           # px per latent cell
+        lattice = all(c == int(c) and c % 8 == 0 and c > 8 for c in latent_cell)
         feats = {m: [] for m in (*METHODS, "real")}
         skipped, seconds = 0, 0.0
         for i, path in enumerate(tqdm(photos, desc=f"eval {name}", disable=not progress)):
@@ -85,10 +107,15 @@ def evaluate(pipe: InfGenPipeline, photos: list[Path], targets: list[tuple[str, 
             native = pipe.codec.decode(z).float().cpu()
             out["ae+bicubic"] = _resize(native, H, W, "bicubic")
             out["ae+lanczos"] = _resize(native, H, W, "lanczos")
+            out["bicubic"] = _resize(inp, H, W, "bicubic")
+            out["lanczos"] = _resize(inp, H, W, "lanczos")
             gt01 = gt * 0.5 + 0.5
             for m, x in out.items():
                 scores[m]["psnr"].append(float(psnr(x * 0.5 + 0.5, gt01)[0]))
                 scores[m]["ssim"].append(float(ssim(x * 0.5 + 0.5, gt01)[0]))
+                if lattice:
+                    period = (int(latent_cell[0]), int(latent_cell[1]))
+                    scores[m]["lattice"].append(lattice_differences(x * 0.5 + 0.5, period)[0].tolist())
             if inception is not None:
                 state = rng.bit_generator.state  # the same patch positions for every method
                 for m, x in [("real", gt), *out.items()]:
@@ -101,7 +128,11 @@ def evaluate(pipe: InfGenPipeline, photos: list[Path], targets: list[tuple[str, 
                  "infgen_decode_s_per_image": seconds / max(n, 1)}
         for m in METHODS:
             entry[m] = {"psnr": float(np.mean(scores[m]["psnr"])) if n else None,
-                        "ssim": float(np.mean(scores[m]["ssim"])) if n else None}
+                        "ssim": float(np.mean(scores[m]["ssim"])) if n else None,
+                        "lattice": None}
+            if lattice and n:                                 # pooled: mean across-cell / mean across-token
+                cell, other = np.mean(scores[m]["lattice"], axis=0)
+                entry[m]["lattice"] = float(cell / other)
             if inception is not None and n:
                 real, fake = np.concatenate(feats["real"]), np.concatenate(feats[m])
                 entry[m]["kid"], entry[m]["kid_std"] = kid_from_features(real, fake, subset_size=min(100, len(real)))
@@ -112,11 +143,11 @@ def evaluate(pipe: InfGenPipeline, photos: list[Path], targets: list[tuple[str, 
 
 
 def _save_comparison(path: Path, gt, out: dict, size: int) -> None:
-    """Side by side: ground truth | AE + bicubic | AE + Lanczos | InfGen, a centred crop at native size."""
+    """Side by side: ground truth | bicubic of the input | AE + bicubic | InfGen, a centred crop at native size."""
     H, W = gt.shape[-2:]
     s = min(size * 2, H, W)
     y, x = (H - s) // 2, (W - s) // 2
-    panels = [gt] + [out[m] for m in ("ae+bicubic", "ae+lanczos", "infgen")]
+    panels = [gt] + [out[m] for m in ("bicubic", "ae+bicubic", "infgen")]
     row = torch.cat([p[:, :, y:y + s, x:x + s] for p in panels], dim=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensor_to_pil(row[0]).save(path)
@@ -127,16 +158,18 @@ def to_markdown(results: dict, meta: dict) -> str:
                "image)" if meta.get("fid", True) else "KID and patch-FID not computed (--no-fid)")
     lines = [f"Validation photos: {meta['n_photos']} ({meta['split']}); input {meta['input_size']}^2 -> latent "
              f"{meta['input_size'] // 8}^2; {patches}. Bundle: {meta['checkpoint']}.", "",
-             "| target | method | PSNR (dB) ↑ | SSIM ↑ | KID×1000 ↓ | patch-FID ↓ |", "|---|---|---|---|---|---|"]
+             "Lattice: mean |step| across latent-cell borders / across the other 8-px token borders (1 = none; "
+             "compare with the bicubic row, whose JPEG-derived input has its own).", "",
+             "| target | method | PSNR (dB) ↑ | SSIM ↑ | KID×1000 ↓ | patch-FID ↓ | lattice |",
+             "|---|---|---|---|---|---|---|"]
     for name, e in results.items():
         for m in METHODS:
             r = e[m]
             fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
             kid = None if r.get("kid") is None else r["kid"] * 1000
-            label = {"infgen": "**InfGen**", "ae+bicubic": "AE + bicubic", "ae+lanczos": "AE + Lanczos"}[m]
-            lines.append(f"| {name} ({e['size'][1]}x{e['size'][0]}, n={e['n_images']}) | {label} | "
+            lines.append(f"| {name} ({e['size'][1]}x{e['size'][0]}, n={e['n_images']}) | {LABELS[m]} | "
                          f"{fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} | {fmt(kid, '.2f')} | "
-                         f"{fmt(r.get('patch_fid'), '.1f')} |")
+                         f"{fmt(r.get('patch_fid'), '.1f')} | {fmt(r.get('lattice'), '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

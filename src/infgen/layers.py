@@ -118,41 +118,68 @@ class CrossBlock(nn.Module):
 SDPA_MAX_HEADS = 65535  # CUDA grid limit of the fused attention kernels (heads per call)
 
 
+def hann_log_weight(d: Tensor, radius: float) -> Tensor:
+    """log of the window weight cos^2(pi d / 2r) of a key at distance d (latent cells) from a query:
+    1 at d = 0, falling smoothly to 0 (log: -inf) at |d| >= r, with zero slope at both ends."""
+    w = torch.cos(d.clamp(-radius, radius) * (math.pi / (2 * radius))).pow(2)
+    return torch.where(d.abs() < radius, w.clamp_min(1e-30).log(), torch.full_like(w, float("-inf")))
+
+
 @dataclass
 class Windows:
-    """Local cross-attention of a (nr x nc) grid of query cells: each query sees the size x size latent
-    window around the latent cell its centre falls in (shifted, not clamped, at the latent border).
+    """Local cross-attention of a (nr x nc) grid of query cells to size x size latent windows.
 
-    Queries are grouped by that latent cell: at an upscale every latent cell holds (H/8h) x (W/8w) queries
-    with the same window, so K/V are gathered once per latent cell instead of once per query (the per-query
-    gather moved 9x the K/V bytes through memory and was most of the mask tokens' time on CPU), and each
-    group is one small dense attention (m queries x K keys). Groups are padded to the largest one.
+    Queries are grouped by the latent cell their centre falls in; each group gathers the size x size window
+    around that cell (shifted, not clamped, at the latent border) once, and is one small dense attention
+    (m queries x K keys). Groups are padded to the largest one. (Gathering K/V per query moved 9x the bytes
+    through memory and was most of the mask tokens' time on CPU.)
+
+    falloff=True (seam-free): every key's attention logit gets log w(dy) + log w(dx), a Hann window of the
+    key's distance from the QUERY's own coordinate (in latent cells), radius size/2. A key's weight is 0
+    exactly where it leaves the window, so the output is a continuous function of the query's coordinate,
+    also where the query crosses a latent-cell border and its group (and window) changes: the keys that
+    swap in or out there carry weight 0. Every key with a non-zero weight lies in the group's window (for a
+    query in cell c: |c' + 0.5 - p| < size/2 implies |c' - c| <= size//2). Without falloff each query sees
+    its cell's window with equal prior and the window jumps at cell borders: a lattice with the latent-cell
+    period at upscales (the first bundled model was trained so and keeps it).
     """
     rows: Tensor                      # (nr,) padded slot of each query row: group * m_r + position
     cols: Tensor                      # (nc,)
     groups: tuple[int, int, int, int]  # (G_r, m_r, G_c, m_c): groups and slots per group on each axis
     kv_index: Tensor                  # (G_r * G_c, K) flat latent index of each group's window
+    bias: Tensor | None = None        # (G_r * G_c, m_r * m_c, K) additive logit bias (falloff), or None
 
     @classmethod
     def build(cls, rows: Tensor, cols: Tensor, out_cell: float, height: int, width: int,
-              h: int, w: int, size: int) -> "Windows":
+              h: int, w: int, size: int, falloff: bool = False) -> "Windows":
         """rows, cols: ascending indices of the query cells (of size out_cell px) in a height x width image."""
         def axis(idx: Tensor, extent: int, n: int):
             k = min(size, n)
-            centre = torch.floor(cell_centres(idx, out_cell, extent) * n).long()   # latent cell, ascending
+            p = cell_centres(idx, out_cell, extent) * n                            # query, in latent cells
+            centre = torch.floor(p).long()                                         # latent cell, ascending
             first = torch.ones_like(centre, dtype=torch.bool)
             first[1:] = centre[1:] != centre[:-1]
             group = first.cumsum(0) - 1                                            # (len,) group of each
             pos = torch.arange(len(idx), device=idx.device) - first.nonzero().squeeze(1)[group]
             m = int(pos.max()) + 1
             start = (centre[first] - size // 2).clamp(0, n - k)
-            return group * m + pos, start[:, None] + torch.arange(k, device=idx.device), m  # window (G, k)
+            window = start[:, None] + torch.arange(k, device=idx.device)          # (G, k) latent cells
+            log_w = None
+            if falloff:  # (G, m, k); empty slots sit on their window's first key (finite, never read)
+                slot_p = (window[:, :1] + 0.5).to(p.dtype).repeat(1, m)
+                slot_p[group, pos] = p
+                log_w = hann_log_weight(slot_p[:, :, None] - (window[:, None, :] + 0.5), size / 2)
+            return group * m + pos, window, m, log_w
 
-        slot_r, win_r, m_r = axis(rows, height, h)
-        slot_c, win_c, m_c = axis(cols, width, w)
+        slot_r, win_r, m_r, lw_r = axis(rows, height, h)
+        slot_c, win_c, m_c, lw_c = axis(cols, width, w)
         flat = win_r[:, None, :, None] * w + win_c[None, :, None, :]            # (G_r, G_c, k_r, k_c)
         G_r, G_c = win_r.shape[0], win_c.shape[0]
-        return cls(slot_r, slot_c, (G_r, m_r, G_c, m_c), flat.reshape(G_r * G_c, -1))
+        bias = None
+        if falloff:                                                             # separable: rows + cols
+            bias = lw_r[:, None, :, None, :, None] + lw_c[None, :, None, :, None, :]  # (G_r, G_c, m_r, m_c, k_r, k_c)
+            bias = bias.reshape(G_r * G_c, m_r * m_c, -1)
+        return cls(slot_r, slot_c, (G_r, m_r, G_c, m_c), flat.reshape(G_r * G_c, -1), bias)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, nr*nc, Dh), k/v (B, H, L, Dh) -> (B, H, nr*nc, Dh)."""
@@ -166,11 +193,15 @@ class Windows:
         qp = qp.reshape(B, H * G_r * G_c, m_r * m_c, Dh)                      # (B, H*G, m, Dh)
         kw = k[:, :, self.kv_index].flatten(1, 2)                             # (B, H*G, K, Dh)
         vw = v[:, :, self.kv_index].flatten(1, 2)
+        bias = None
+        if self.bias is not None:                                             # same for every batch and head
+            bias = self.bias.to(q.dtype)[None].expand(H, -1, -1, -1).reshape(1, H * G_r * G_c, m_r * m_c, -1)
         # CUDA's fused SDPA kernels launch one block per (batch, head) and fail above 65535 heads; at 1x
         # every query is its own group, so H*G exceeds that once a tile holds >= 16384 latent cells. The split
         # runs on every device, so the CPU tests cover it (never yet reached on a GPU: docs/benchmarks.md).
         step = SDPA_MAX_HEADS
-        parts = [F.scaled_dot_product_attention(qp[:, i:i + step], kw[:, i:i + step], vw[:, i:i + step])
+        parts = [F.scaled_dot_product_attention(qp[:, i:i + step], kw[:, i:i + step], vw[:, i:i + step],
+                                                attn_mask=None if bias is None else bias[:, i:i + step])
                  for i in range(0, qp.shape[1], step)]
         a = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)          # (B, H*G, m, Dh)
         a = a.view(B, H, G_r, G_c, m_r, m_c, Dh).transpose(3, 4).reshape(B, H, G_r * m_r, G_c * m_c, Dh)

@@ -71,27 +71,33 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4) -> Tensor:
+def adaptive_weight(pred: Tensor, rec_grad: Tensor, g_grad: Tensor, last_layer: Tensor,
+                    max_weight: float = 1e4) -> Tensor:
     """||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) at the generator's last layer W, clamped, no gradient.
 
     Balances the GAN term against reconstruction whatever their raw scales (taming's
-    calculate_adaptive_weight). Both losses must still have their graphs (retain_graph=True here).
+    calculate_adaptive_weight). Given the two losses' gradients on the prediction `pred` (which must still
+    have its graph), dL/dW = (dpred/dW)^T dL/dpred: two short backward passes through the last layer only.
     """
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    rec_w, = torch.autograd.grad(pred, last_layer, grad_outputs=rec_grad.to(pred.dtype), retain_graph=True)
+    g_w, = torch.autograd.grad(pred, last_layer, grad_outputs=g_grad.to(pred.dtype), retain_graph=True)
+    return (rec_w.norm() / (g_w.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, perceptual: nn.Module | None = None,
-                        perceptual_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """L1 + perceptual_weight * perceptual, both averaged over the batch. Returns (loss, parts)."""
+                        perceptual_weight: float = 0.0, perceptual_samples: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """L1 + perceptual_weight * perceptual, both averaged over the batch. Returns (loss, parts).
+
+    perceptual_samples = k > 0: the perceptual term on the first k samples only (on a CPU the loss network
+    costs more than the model; over a shuffled batch this is an unbiased estimate of the full mean)."""
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     l1 = (pred - target).abs().mean()
     parts = {"l1": l1.detach()}
     loss = l1
     if perceptual is not None and perceptual_weight > 0:
-        p = perceptual(pred.float(), target.float()).mean()
+        k = perceptual_samples or pred.shape[0]
+        p = perceptual(pred[:k].float(), target[:k].float()).mean()
         parts["perceptual"] = p.detach()
         loss = loss + perceptual_weight * p
     return loss, parts

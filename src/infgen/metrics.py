@@ -96,3 +96,23 @@ class InceptionFeatures(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
         return self.net((x * 255 - 128) / 128)
+
+
+def lattice_differences(x: Tensor, period: tuple[int, int], token: int = 8) -> Tensor:
+    """(B, 2): mean |difference| of neighbouring pixels across the lines every `period` = (py, px) pixels
+    (the latent-cell borders of an upscale), and across the other multiples of `token` (the remaining
+    8-px token borders: the same sub-pixel phase, so JPEG blocks and the decoder's own period cancel).
+    Their ratio is the lattice strength: 1 when the latent-cell borders are no different from the rest.
+    Both axes are pooled; x: (B, C, H, W), periods multiples of `token` and larger than it."""
+    if any(p % token or p <= token for p in period):
+        raise ValueError(f"lattice periods must be multiples of {token} larger than it, got {period}")
+    x = x.float()
+    dy = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(1, 3))                 # (B, H-1): border after row i
+    dx = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2))                   # (B, W-1)
+    cell, other = [], []
+    for d, p in ((dy, period[0]), (dx, period[1])):
+        pos = torch.arange(1, d.shape[1] + 1, device=d.device)              # the border's pixel position
+        on_token, on_cell = pos % token == 0, pos % p == 0
+        cell.append(d[:, on_cell])
+        other.append(d[:, on_token & ~on_cell])
+    return torch.stack([torch.cat(cell, 1).mean(1), torch.cat(other, 1).mean(1)], dim=1)

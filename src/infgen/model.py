@@ -93,22 +93,25 @@ class InfGen(nn.Module):
         x = q.expand(B, -1, -1)                                                # (B, n, D)
         window = None
         if self.config.attn_window:
-            window = Windows.build(rows, cols, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window)
+            window = Windows.build(rows, cols, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window,
+                                   falloff=self.config.attn_window_falloff == "hann")
         for block, (k, v) in zip(self.blocks, ctx.kv):
             x = self._run(block, x, k, v, window)
         return self.norm_out(x)                                                # (B, n, D)
 
     def render(self, ctx: LatentContext, height: int, width: int, rows: tuple[int, int],
-               cols: tuple[int, int]) -> Tensor:
+               cols: tuple[int, int], halo: bool = True) -> Tensor:
         """Pixels of the 8x8 cells rows[0]:rows[1], cols[0]:cols[1] of an (height, width) output.
 
         Returns (B, 3, <=8*n_rows, <=8*n_cols), unclamped, cropped at the image's bottom/right edge.
         The cells are decoded with a halo of `self.halo` cells (clipped at the image border), so the
-        result equals the same region of a full decode.
+        result equals the same region of a full decode. halo=False (training only) decodes the region
+        alone, its convolutions zero-padded at the region's edge like a patch-trained SR network's.
         """
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
-        r0, r1 = max(rows[0] - self.halo, 0), min(rows[1] + self.halo, gh)
-        c0, c1 = max(cols[0] - self.halo, 0), min(cols[1] + self.halo, gw)
+        margin = self.halo if halo else 0
+        r0, r1 = max(rows[0] - margin, 0), min(rows[1] + margin, gh)
+        c0, c1 = max(cols[0] - margin, 0), min(cols[1] + margin, gw)
         ri, ci = torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device)
         x = self.tokens(ctx, height, width, ri, ci)                            # (B, nr*nc, D)
         # (B, nr*nc, D) is already channels_last memory for (B, D, nr, nc): no copy, and oneDNN's bf16
@@ -126,16 +129,18 @@ class InfGen(nn.Module):
         return block(*args)
 
     # -- training entry point -------------------------------------------------------------------------
-    def forward(self, z: Tensor, height: int, width: int, region: tuple[int, int, int, int] | None = None) -> Tensor:
+    def forward(self, z: Tensor, height: int, width: int, region: tuple[int, int, int, int] | None = None,
+                halo: bool = True) -> Tensor:
         """Differentiable decode for training: unclamped (B, 3, H, W), or only `region`.
 
         region = (top, left, rows, cols) in 8x8 cells: renders just that crop of the (height, width)
         output, at a cost independent of the full size; pixels [8*top : 8*(top+rows)] x [...] of the image.
+        halo: see `render` (False: cheaper, the region's edge pixels see zero padding instead of neighbours).
         """
         ctx = self.context(z)
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
         top, left, nr, nc = region if region is not None else (0, 0, gh, gw)
-        return self.render(ctx, height, width, (top, top + nr), (left, left + nc))
+        return self.render(ctx, height, width, (top, top + nr), (left, left + nc), halo)
 
     # -- the decode path everything calls -------------------------------------------------------------
     @torch.inference_mode()

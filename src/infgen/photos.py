@@ -239,7 +239,7 @@ def _parse_root(text: str) -> tuple[str, Path]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_command", metavar="{photos,shards}", required=True)
+    sub = parser.add_subparsers(dest="data_command", metavar="{photos,shards,cache}", required=True)
     p = sub.add_parser("photos", help="write the offline real photos named in the fixed split lists")
     p.add_argument("--out", type=Path, default=Path("data/photos"), help="output folder (git-ignored)")
     p.add_argument("--splits", type=Path, default=Path("data/splits"), help="folder of train.txt / val.txt")
@@ -252,9 +252,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("src", type=Path, help="folder of images (searched recursively)")
     s.add_argument("pattern", help="output pattern with a printf field, e.g. shards/train-%%06d.tar")
     s.add_argument("--per-shard", type=int, default=1000, help="images per shard")
+    c = sub.add_parser("cache", help="decode photos once into the training cache (data.cache; else built on first use)")
+    c.add_argument("source", help="folder of images or a split list (names relative to --root)")
+    c.add_argument("--root", default=None, help="folder the split list's names are relative to")
+    c.add_argument("--cache", default="data/cache", help="cache folder (git-ignored)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_command == "cache":
+        from .data import resolve_source
+        from .photo_cache import build_cache
+        files, shards = resolve_source(args.source, args.root)
+        if files is None:
+            raise ValueError(f"{args.source} is a shard stream; the cache takes a folder or a split list")
+        entries = build_cache(files, args.cache)
+        bad = [str(p) for p, e in entries.items() if e is None]
+        print(f"{len(entries) - len(bad)} photos cached in {args.cache}" + (f"; unreadable: {', '.join(bad)}" if bad else ""))
+        return 0
     if args.data_command == "shards":
         from .data import write_shards
         shards = write_shards(args.src, args.pattern, per_shard=args.per_shard)

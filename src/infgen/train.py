@@ -59,6 +59,9 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # fields of that config, e.g. {depth: 4}
     init_from: str | None = None     # a save_pretrained directory (e.g. stage 1's final/): its architecture
                                      # and weights replace preset/overrides (stage 2 fine-tuning)
+    warm_start: str | None = None    # a save_pretrained directory of another architecture (e.g. trained for
+                                     # 4-channel latents): every tensor whose name and shape match is copied,
+                                     # the rest keep their initialisation (both lists are printed)
 
 
 @dataclass
@@ -66,12 +69,18 @@ class DataConfig:
     source: str | None = None        # folder of images, or webdataset shards 'shards/{000000..000099}.tar'
     root: str | None = None          # passed through to make_loader
     preview_source: str | None = None  # images for preview grids / autoencoder latent statistics (default: source)
+    val_source: str | None = None    # split list / folder for `val_psnr` every train.eval_every steps: the
+                                     # `infgen eval` protocol (centre crops, val_input_size^2 inputs) at 1x for
+                                     # the autoencoder, at 2x for InfGen
+    val_input_size: int = 256
     input_size: int = 256            # side of the square crop the codec encodes
     out_min: int = 256               # target sizes: both sides in [out_min, out_max] (InfGen only)
     out_max: int = 1024
     aspect_ratios: list = field(default_factory=lambda: [1.0])  # width / height of the random crops
     batch_size: int = 4              # per process
     num_workers: int = 2
+    cache: str | None = None         # folder of decoded photo pyramids (photo_cache.py), built on first use:
+                                     # the loader stops decoding 2-6K-pixel JPEGs at every sample
 
     def __post_init__(self):
         for name in ("input_size", "out_min", "out_max", "batch_size"):
@@ -96,6 +105,8 @@ class LossConfig:
     gan_weight: float = 0.1          # lambda_G (paper: 0.1); 0 disables the discriminator entirely
     gan_start: int = 0               # generator GAN term and discriminator updates start at this step
     max_d_weight: float = 1e4        # clamp of the adaptive weight
+    perceptual_samples: int = 0      # perceptual term on the first N samples of each batch only (0: all):
+                                     # the batch is shuffled, so this is an unbiased, cheaper estimate
     kl_weight: float = 1e-6          # autoencoder only
     disc_layers: int = 3             # PatchGAN depth (3: ~70 px patches)
     disc_channels: int = 64
@@ -104,7 +115,7 @@ class LossConfig:
     def __post_init__(self):
         if self.perceptual not in BACKENDS:
             raise ValueError(f"loss.perceptual must be one of {list(BACKENDS)}, got {self.perceptual!r}")
-        for name in ("perceptual_weight", "gan_weight", "kl_weight", "gan_start", "max_d_weight"):
+        for name in ("perceptual_weight", "gan_weight", "kl_weight", "gan_start", "max_d_weight", "perceptual_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_norm not in ("group", "none"):
@@ -142,16 +153,18 @@ class LoopConfig:
     sample_every: int = 500          # preview grid; 0 disables (one is still written at the end)
     keep_checkpoints: int = 3        # newest N kept
     gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"    # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"    # auto (bf16 where it is fast: GPUs, CPUs with AVX512-BF16/AMX) | no | bf16 | fp16
     cpu: bool = False                # force the CPU even if a GPU is present
     cpu_threads: int = 0             # torch intra-op threads per process; 0 keeps torch's default
     preview_sizes: list = field(default_factory=list)  # [[h, w], ...]; [] derives them from data.*
     stats_batches: int = 4           # preview batches for the autoencoder's latent mean / std
+    eval_every: int = 0              # val_psnr on data.val_source every N steps (0: never), in metrics.jsonl
     debug_rank_weights: bool = False  # tests: every rank writes its final weights to debug/rank<r>.safetensors
 
     def __post_init__(self):
-        if self.max_steps < 0 or self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0:
-            raise ValueError("train.max_steps must be >= 0, log_every and ckpt_every >= 1, sample_every >= 0")
+        if self.max_steps < 0 or self.log_every < 1 or self.ckpt_every < 1 or self.sample_every < 0 or self.eval_every < 0:
+            raise ValueError("train.max_steps must be >= 0, log_every and ckpt_every >= 1, sample_every and "
+                             "eval_every >= 0")
         if self.cpu_threads < 0:
             raise ValueError(f"train.cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.keep_checkpoints < 1:
@@ -170,6 +183,10 @@ class TrainConfig:
     seed: int = 0
     codec: str | None = None         # infgen: frozen codec (autoencoder dir, diffusers VAE dir or hub id)
     render_cells: int = 16           # infgen: render a random render_cells^2 region of 8x8 cells per step
+    render_halo: bool = True         # infgen: decode the region with the conv decoder's halo (exactly the
+                                     # crop of a full decode); false: without (zero padding at the region's
+                                     # edge, as patch-trained SR networks): ~3x fewer pixels decoded per
+                                     # supervised pixel at 16 cells
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -181,6 +198,8 @@ class TrainConfig:
             raise ValueError(f"kind must be 'infgen' or 'autoencoder', got {self.kind!r}")
         if self.render_cells < 1:
             raise ValueError(f"render_cells must be >= 1, got {self.render_cells}")
+        if self.model.init_from and self.model.warm_start:
+            raise ValueError("model.init_from and model.warm_start exclude each other; use one")
         if self.model.init_from and self.model.overrides:
             raise ValueError("model.init_from takes the architecture from that checkpoint; remove model.overrides")
         if self.kind == "autoencoder" and self.train.gradient_checkpointing:
@@ -190,8 +209,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class _SetText(str):
+    """A `--set` value as typed. It becomes YAML (numbers, lists, null) for typed keys but stays verbatim
+    for string keys, where YAML 1.1 would turn `no`, `off` or `yes` into booleans."""
+
+    def resolve(self, tp):
+        import yaml
+        parsed = yaml.safe_load(str(self)) if self else ""
+        wants_str = tp is str or str in typing.get_args(tp)
+        return str(self) if wants_str and parsed is not None else parsed
+
+
 def _coerce(value, tp, key: str):
     """Check `value` against the annotation `tp`; ints pass as floats, '2e-4' strings (YAML 1.1) as floats."""
+    if isinstance(value, _SetText):
+        value = value.resolve(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -215,7 +247,7 @@ def _coerce(value, tp, key: str):
             return list(value)
     elif (origin or tp) is dict:
         if isinstance(value, dict):
-            return dict(value)
+            return {k: v.resolve(object) if isinstance(v, _SetText) else v for k, v in value.items()}
     name = getattr(tp, "__name__", str(tp))
     raise ValueError(f"config key {key!r} must be {name}, got {value!r}")
 
@@ -237,12 +269,11 @@ def _build(cls, raw, prefix: str = ""):
 
 
 def parse_set(item: str) -> tuple[list[str], object]:
-    """'optim.lr=1e-4' -> (['optim', 'lr'], 1e-4); the value is parsed as YAML (numbers, lists, null)."""
-    import yaml
+    """'optim.lr=1e-4' -> (['optim', 'lr'], '1e-4'); the text is read against the key's type in _coerce."""
     key, sep, value = item.partition("=")
     if not sep or not key or not all(key.split(".")):
         raise ValueError(f"--set expects key.sub=value, got {item!r}")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), _SetText(value)
 
 
 def load_config(path: str | Path | None = None, sets: list[str] = (), **top: object) -> TrainConfig:
@@ -353,6 +384,17 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Copy the tensors of checkpoint `path` whose names and shapes match `module`'s: (copied, skipped)."""
+    from .checkpoint import WEIGHTS_NAME
+    state = load_safetensors(Path(path) / WEIGHTS_NAME)
+    own = module.state_dict()
+    copied = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    skipped = sorted(set(own) - set(copied))
+    module.load_state_dict({k: state[k] for k in copied}, strict=False)
+    return copied, skipped
+
+
 def save_grid(path: Path, panels: list[tuple[str, Tensor]], max_height: int = 384) -> None:
     """Panels (label, (3, h, w) in [-1, 1]) side by side, each shrunk to at most max_height, labelled."""
     from PIL import Image, ImageDraw
@@ -396,6 +438,48 @@ def _stats_dict(stats) -> dict:
     return {k: v for k, v in vars(stats).items() if not k.startswith("_")} if hasattr(stats, "__dict__") else {"stats": str(stats)}
 
 
+@torch.no_grad()
+def validation_psnr(kind: str, ema: nn.Module, codec, pairs: list, device) -> float:
+    """Mean PSNR (dB) of the EMA model on (input, target) pairs: autoencoder reconstructions of the input,
+    or InfGen decodes of the codec's latent at the target's size."""
+    from .metrics import psnr
+    scores = []
+    for inp, gt in pairs:
+        inp = inp.to(device)
+        if kind == "autoencoder":
+            out = ema.decode(ema.encode(inp)[0])[..., : gt.shape[-2], : gt.shape[-1]]
+        else:
+            out = ema.decode(codec.encode(inp), gt.shape[-2], gt.shape[-1])
+        scores.append(float(psnr(out.float().clamp(-1, 1).cpu() * 0.5 + 0.5, gt * 0.5 + 0.5)[0]))
+    return float(np.mean(scores))
+
+
+class StepTimer:
+    """Seconds per part of a training step (data, codec, model, loss_nets, optimizer), summed until reset.
+    On a GPU every lap synchronises, so the parts are real (and the step a little slower)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.sums: dict[str, float] = {}
+        self.t = 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()                                           # note: sync point
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.t = self._now()
+
+    def lap(self, part: str) -> None:
+        now = self._now()
+        self.sums[part] = self.sums.get(part, 0.0) + now - self.t
+        self.t = now
+
+    def reset(self) -> None:
+        self.sums = {}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The training loop.
 
@@ -416,7 +500,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     use_cpu = T.cpu or not torch.cuda.is_available()
     if T.cpu_threads > 0:
         torch.set_num_threads(T.cpu_threads)
-    precision = ("no" if use_cpu else "bf16") if T.mixed_precision == "auto" else T.mixed_precision
+    precision = T.mixed_precision
+    if precision == "auto":
+        from .precision import fast_dtype
+        precision = "bf16" if fast_dtype("cpu" if use_cpu else "cuda") == torch.bfloat16 else "no"
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=precision)
     if accelerator.distributed_type == DistributedType.FSDP:
         # EMA, the adaptive GAN weight (a last-layer gradient) and the checkpoints here assume every rank holds
@@ -440,6 +527,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     # -- models (same seed on every rank; DDP also broadcasts rank 0's weights) --------------------------
     seed_all(cfg.seed)
+    resume_ckpt = bool(resume and checkpoints)                                 # weights come from there
     codec = None
     if cfg.kind == "infgen":
         from .codecs import load_codec
@@ -457,6 +545,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                  f"the codec {cfg.codec} has {from_codec}")
         else:
             model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec}))
+        if cfg.model.warm_start and not resume_ckpt:
+            copied, skipped = warm_start(model, cfg.model.warm_start)
+            if is_main:
+                print(f"infgen train: warm start from {cfg.model.warm_start}: {len(copied)} tensors copied, "
+                      f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
         model.gradient_checkpointing = T.gradient_checkpointing
     elif cfg.model.init_from:
         model = KLAutoencoder.from_pretrained(cfg.model.init_from).train()
@@ -512,7 +605,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return make_loader(source or D.source, input_size=D.input_size, out_min=sizes[0], out_max=sizes[1],
                            aspect_ratios=D.aspect_ratios, batch_size=D.batch_size,
                            num_workers=D.num_workers if workers is None else workers, seed=seed,
-                           rank=rank, world_size=world, root=D.root, start=start)
+                           rank=rank, world_size=world, root=D.root, start=start, cache=D.cache)
 
     preview: list[dict] = []
     if is_main:                                                                # fixed batches, rank 0 only
@@ -520,6 +613,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             it = iter(loader_at(0, D.preview_source, workers=0, seed=cfg.seed + 7_777_777))
             preview = [next(it) for _ in range(max(1, T.stats_batches if cfg.kind == "autoencoder" else 1))]
             del it
+
+    val_pairs: list = []
+    if is_main and T.eval_every and D.val_source:                              # fixed pairs, rank 0 only
+        from .data import resolve_source
+        from .evaluate import validation_pairs
+        val_files, _ = resolve_source(D.val_source, D.root)
+        val_pairs = validation_pairs(val_files, D.val_input_size, 1 if cfg.kind == "autoencoder" else 2)
 
     if ckpt is not None:
         rng_file = ckpt / f"rng-rank{rank}.json"
@@ -617,51 +717,66 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     loader = loader_at(step)
     batches = iter(loader)
     sums: dict[str, float] = {}
-    n_logged, t_steps, t_data = 0, 0.0, 0.0                                     # step time, without saves
+    n_logged, timer = 0, StepTimer(device)                                      # step time, without saves
     try:
         while step < T.max_steps:
-            t0 = time.perf_counter()
+            timer.start()
             lr = lr_at(step, O, T.max_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = next(batches)
-            t_data += time.perf_counter() - t0
+            timer.lap("data")
             gan_on = disc is not None and step >= L.gan_start
 
-            # generator / autoencoder step
+            # generator / autoencoder forward
             if cfg.kind == "infgen":
-                with torch.no_grad():
-                    z = codec.encode(batch["input"].to(device))                 # (B, C, h, w) raw latents
+                with torch.no_grad(), accelerator.autocast():
+                    z = codec.encode(batch["input"].to(device)).float()         # (B, C, h, w) raw latents
+                timer.lap("codec")
                 target = batch["target"].to(device)                            # (B, 3, H, W)
                 H, W = target.shape[-2:]
                 gh, gw = math.ceil(H / 8), math.ceil(W / 8)
                 rows, cols = min(cfg.render_cells, gh), min(cfg.render_cells, gw)
                 top, left = random.randint(0, gh - rows), random.randint(0, gw - cols)
                 target = target[:, :, 8 * top: 8 * (top + rows), 8 * left: 8 * (left + cols)]
-                pred = model(z, H, W, region=(top, left, rows, cols))          # same crop, clipped at edges
-                extra = {}
+                pred = model(z, H, W, region=(top, left, rows, cols), halo=cfg.render_halo)  # same crop
+                extra, own = {}, 0.0
             else:
                 target = batch["input"].to(device)
                 pred, mean, logvar = model(target)
                 kl = KLAutoencoder.kl_loss(mean.float(), logvar.float())
-                extra = {"kl": kl.detach()}
+                extra, own = {"kl": kl.detach()}, L.kl_weight * kl           # own: terms without loss networks
+            timer.lap("model")
+
+            # loss networks (perceptual, critic) on a detached copy: their forward and backward stop at the
+            # prediction, so their cost is measured apart from the model's; the model then back-propagates
+            # the gradient they leave on it (the same gradients as one backward of the total loss).
+            leaf = pred.detach().requires_grad_(True)
             with accelerator.autocast():
-                rec, parts = reconstruction_loss(pred.float(), target.float(), perceptual, L.perceptual_weight)
-            loss = rec + (L.kl_weight * kl if cfg.kind == "autoencoder" else 0.0)
+                rec, parts = reconstruction_loss(leaf.float(), target.float(), perceptual, L.perceptual_weight,
+                                                 L.perceptual_samples)
+            grad, = torch.autograd.grad(rec, leaf)
+            loss = rec.detach() + own.detach() if torch.is_tensor(own) else rec.detach()
             parts.update(extra)
             if gan_on:
                 raw_disc.requires_grad_(False)                                 # D is a fixed critic here
                 with accelerator.autocast():
-                    g_loss = hinge_g_loss(raw_disc(pred.float()).float())
-                d_weight = adaptive_weight(rec, g_loss, last_layer, L.max_d_weight)
+                    g_loss = hinge_g_loss(raw_disc(leaf.float()).float())
+                g_grad, = torch.autograd.grad(g_loss, leaf)
                 raw_disc.requires_grad_(True)
-                loss = loss + L.gan_weight * d_weight * g_loss
+                d_weight = adaptive_weight(pred, grad, g_grad, last_layer, L.max_d_weight)
+                grad = grad + L.gan_weight * d_weight * g_grad
+                loss = loss + L.gan_weight * d_weight * g_loss.detach()
                 parts.update(g_loss=g_loss.detach(), d_weight=d_weight)
-            accelerator.backward(loss)
+            timer.lap("loss_nets")
+            accelerator.backward((pred.float() * grad.float()).sum() + own)            # d/dθ equals that of `loss`
             if O.grad_clip > 0:
                 parts["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), O.grad_clip)
+            timer.lap("model")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            update_ema(ema, raw_model, min(O.ema_decay, (1 + step) / (10 + step)))
+            timer.lap("optimizer")
 
             # discriminator step: real crops vs detached reconstructions, one forward (GroupNorm is per sample)
             if gan_on:
@@ -675,11 +790,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 d_opt.step()
                 d_opt.zero_grad(set_to_none=True)
                 parts.update(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
-
-            update_ema(ema, raw_model, min(O.ema_decay, (1 + step) / (10 + step)))
+                timer.lap("loss_nets")
             step += 1
             bar.update(1)
-            t_steps += time.perf_counter() - t0
 
             # logging (rank 0's own numbers: no cross-rank sync; tensors stay on the device until a log line)
             parts["loss"] = loss.detach()
@@ -687,9 +800,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 sums[k] = sums.get(k, 0.0) + v
             n_logged += 1
             if is_main and (step % T.log_every == 0 or step == T.max_steps):
-                dt = t_steps / n_logged
+                split = {f"t_{k}": v / n_logged for k, v in timer.sums.items()}      # seconds per step
+                dt = sum(split.values())
                 rec_ = {"step": step, **{k: float(v) / n_logged for k, v in sums.items()}, "lr": lr,
-                        "s_per_step": dt, "data_wait_s": t_data / n_logged, "it_s": 1.0 / dt,
+                        "s_per_step": dt, **split, "data_wait_s": split["t_data"], "it_s": 1.0 / dt,
                         "images_per_s": D.batch_size * world / dt,
                         "target_hw": list(batch["target"].shape[-2:]) if cfg.kind == "infgen" else None,
                         "data": _stats_dict(getattr(loader, "stats", None))}
@@ -701,13 +815,21 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     for k, v in rec_.items():
                         if isinstance(v, float):
                             writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}", lr=f"{lr:.2e}")
-                sums, n_logged, t_steps, t_data = {}, 0, 0.0, 0.0
+                bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}", lr=f"{lr:.2e}",
+                                s="/".join(f"{v:.2f}" for v in split.values()), refresh=False)
+                sums, n_logged = {}, 0
+                timer.reset()
             elif not is_main and step % T.log_every == 0:
-                sums, n_logged, t_steps, t_data = {}, 0, 0.0, 0.0
+                sums, n_logged = {}, 0
+                timer.reset()
 
             if is_main and T.sample_every and step % T.sample_every == 0:
                 write_preview()
+            if is_main and val_pairs and (step % T.eval_every == 0 or step == T.max_steps):
+                with preserved_rng():
+                    val = validation_psnr(cfg.kind, ema, codec, val_pairs, device)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, "val_psnr": val, "val_images": len(val_pairs)}) + "\n")
 
             # agree on stopping: a signal may reach the ranks at different steps
             stopping = stop["flag"]
