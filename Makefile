@@ -76,10 +76,11 @@ train-default: photos
 	$(BIN)/infgen bundle --infgen runs/infgen-small-4/final --codec runs/autoencoder/final \
 		--out src/infgen/assets/default --train-latent 32 --max-scale 4
 
-# The next default, in training (docs/training.md, "The 16-channel default"): the 16-channel codec, then
-# InfGen `small` on it with L1 + perceptual + PatchGAN and seam-free windows. Both on the 2-core CPU, in the
-# background, resumable: each command continues its run with --resume after a stop. The InfGen run was
-# started from checkpoint weights committed under runs-seed/ when a session ended mid-run (see the doc).
+# The next default, in training (docs/training.md, "The 16-channel default"): the 16-channel codec (done;
+# its export is committed as checkpoints/autoencoder-16ch), then InfGen `small` on it with L1 + perceptual +
+# PatchGAN and seam-free windows (in training; a session that ends mid-run commits its EMA weights as
+# checkpoints/infgen-16ch, and the next one continues from them: see checkpoints/README.md). Both on the
+# 2-core CPU, in the background; each command continues its own run with --resume after a stop.
 train-16ch: photos
 	$(BIN)/infgen data cache data/splits/train.txt --root data/photos --cache data/cache
 	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume

@@ -13,6 +13,7 @@ step 0 in the InfGen cases so their cost is counted.
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,12 +34,13 @@ PARTS = ("data", "codec", "model", "loss_nets", "optimizer")
 
 
 def measure(config: str, sets: list[str], steps: int, log_every: int) -> dict:
-    from infgen.train import load_config, train
+    """One `infgen train` process per case (accelerate keeps its precision per process)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config, sets + [f"train.log_every={log_every}", "train.sample_every=0",
-                                          "train.eval_every=0", f"train.ckpt_every={10 * steps}"],
-                          **{"output": tmp, "train.max_steps": steps})
-        train(cfg)
+        sets = sets + [f"train.log_every={log_every}", "train.sample_every=0", "train.eval_every=0",
+                       f"train.ckpt_every={10 * steps}"]
+        cmd = [sys.executable, "-m", "infgen", "train", "--config", config, "--output", tmp,
+               "--max-steps", str(steps)] + [a for kv in sets for a in ("--set", kv)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lines = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     lines = [m for m in lines if "s_per_step" in m][1:]                       # drop the warm-up window
     out = {p: statistics.median(m.get(f"t_{p}", 0.0) for m in lines) for p in PARTS}

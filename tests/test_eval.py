@@ -87,7 +87,9 @@ def test_eval_end_to_end_on_tiny_bundle(tiny_bundle, tmp_path):
     # the lattice ratio exists at the 2x upscale only (16-px latent cells; 1x has none, 96x48 is fractional)
     assert all(np.isfinite(res["2x"][m]["lattice"]) for m in ("infgen", "bicubic"))
     assert res["1x"]["infgen"]["lattice"] is None and res["96x48"]["infgen"]["lattice"] is None
-    assert "| 2x (64x64, n=1) | **InfGen** |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| 2x (64x64, n=1) | **InfGen** |" in md and "| 2x (64x64, n=1) | bicubic of the input |" in md
+    assert "| 1x (32x32, n=1) | bicubic of the input |" not in md   # at 1x it is the ground truth itself
     assert len(list((out / "crops").glob("*.png"))) == 3
 
 
