@@ -45,18 +45,21 @@ def centre_crop(im: Image.Image, aspect: float) -> tuple[int, int, int, int]:
     return left, top, left + cw, top + ch
 
 
+def protocol_pair(path: Path, input_size: int, height: int, width: int):
+    """(input, ground truth) of one photo under this protocol, (1, 3, s, s) and (1, 3, H, W) in [-1, 1];
+    None when the photo is too small for the target (the ground truth is never upsampled)."""
+    im = Image.open(path).convert("RGB")
+    box = centre_crop(im, width / height)
+    if box[2] - box[0] < width or box[3] - box[1] < height:
+        return None
+    return (pil_to_tensor(im.resize((input_size, input_size), Image.LANCZOS, box=box)),
+            pil_to_tensor(im.resize((width, height), Image.LANCZOS, box=box)))
+
+
 def validation_pairs(photos: list[Path], input_size: int, scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, target) of each photo under this protocol for a square target of input_size * scale px:
-    (1, 3, s, s) tensors in [-1, 1]. Photos too small for the target are left out."""
-    pairs, side = [], input_size * scale
-    for path in photos:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-        box = centre_crop(im, 1.0)
-        if box[2] - box[0] >= side:
-            pairs.append((pil_to_tensor(im.resize((input_size, input_size), Image.LANCZOS, box=box)),
-                          pil_to_tensor(im.resize((side, side), Image.LANCZOS, box=box))))
-    return pairs
+    """protocol_pair of each photo for a square target of input_size * scale px; too small ones left out."""
+    side = input_size * scale
+    return [pair for path in photos if (pair := protocol_pair(path, input_size, side, side)) is not None]
 
 
 def _resize(x: torch.Tensor, h: int, w: int, method: str) -> torch.Tensor:
@@ -93,13 +96,11 @@ def evaluate(pipe: InfGenPipeline, photos: list[Path], targets: list[tuple[str, 
         feats = {m: [] for m in (*METHODS, "real")}
         skipped, seconds = 0, 0.0
         for i, path in enumerate(tqdm(photos, desc=f"eval {name}", disable=not progress)):
-            im = Image.open(path).convert("RGB")
-            box = centre_crop(im, W / H)
-            if box[2] - box[0] < W or box[3] - box[1] < H:
+            pair = protocol_pair(path, input_size, H, W)
+            if pair is None:
                 skipped += 1
                 continue
-            gt = pil_to_tensor(im.resize((W, H), Image.LANCZOS, box=box))
-            inp = pil_to_tensor(im.resize((input_size, input_size), Image.LANCZOS, box=box))
+            inp, gt = pair
             z = pipe.encode(inp.to(pipe.device))
             t0 = time.perf_counter()
             out = {"infgen": pipe.decode(z, H, W).float().cpu()}

@@ -16,6 +16,7 @@ temporary folder and renamed: complete or absent. The .npy files are read with a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,14 @@ MIN_LEVEL_SIDE = 64       # stop halving below this (the smallest crops are >= 6
 
 
 def file_key(path: Path) -> str:
+    """sha1 of the file's bytes; hashed once per process for an unchanged file (the trainer rebuilds its
+    loader, and with it this lookup, at every checkpoint)."""
+    st = path.stat()
+    return _content_key(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _content_key(path: Path, size: int, mtime_ns: int) -> str:
     h = hashlib.sha1(f"infgen-photo-cache-v{CACHE_VERSION}\0".encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

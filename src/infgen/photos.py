@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "cache":
         from .data import resolve_source
         from .photo_cache import build_cache
-        files, shards = resolve_source(args.source, args.root)
+        files, _ = resolve_source(args.source, args.root)
         if files is None:
             raise ValueError(f"{args.source} is a shard stream; the cache takes a folder or a split list")
         entries = build_cache(files, args.cache)

@@ -740,7 +740,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 top, left = random.randint(0, gh - rows), random.randint(0, gw - cols)
                 target = target[:, :, 8 * top: 8 * (top + rows), 8 * left: 8 * (left + cols)]
                 pred = model(z, H, W, region=(top, left, rows, cols), halo=cfg.render_halo)  # same crop
-                extra, own = {}, 0.0
+                extra, own = {}, torch.zeros((), device=device)
             else:
                 target = batch["input"].to(device)
                 pred, mean, logvar = model(target)
@@ -756,7 +756,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 rec, parts = reconstruction_loss(leaf.float(), target.float(), perceptual, L.perceptual_weight,
                                                  L.perceptual_samples)
             grad, = torch.autograd.grad(rec, leaf)
-            loss = rec.detach() + own.detach() if torch.is_tensor(own) else rec.detach()
+            loss = rec.detach() + own.detach()
             parts.update(extra)
             if gan_on:
                 raw_disc.requires_grad_(False)                                 # D is a fixed critic here
