@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned: 2.13.0 is the small CPU wheel these machines carry; anything else pulls a CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv browser clean photos train-default train-16ch eval
+.PHONY: demo test venv browser clean photos train-default eval
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,50 +41,29 @@ clean:
 photos: $(VENV)/.installed-dev
 	$(BIN)/infgen data photos --install
 
-# Exactly how the bundled default (src/infgen/assets/default) was produced. On the 2-core CPU: the small
-# autoencoder (launched with --max-steps 1500 and stopped after ~50 min: its step-700 export was used, which
-# `--max-steps 700 --set optim.decay_steps=1500` reproduces), then InfGen `small` on its latents (likewise
-# launched for 450 steps and stopped by SIGTERM at step 343), then a fine-tune of that InfGen with bf16
-# autocast and 256^2 render regions (launched for 850 steps, stopped by SIGTERM at step 647 and resumed to
-# 700 with the same schedule: exact resume makes that equal to the command below), then stage 4, then the bundle.
-# Stage 4 ran on a lent NVIDIA H200 with 16 CPU cores (1500 steps of 32 regions of up to 512^2 in 4.7 min,
-# ~0.19 s/step; on the photos capped at 2400 px, because that machine takes at most 64 MiB of files). Its
-# num_workers=14 suits that machine; on a CPU lower it. There each step is up to ~32x a stage-2 step's work:
-# tens of hours on this 2-core CPU (an estimate; not run).
-# Long: run it in the background; `--resume` continues an interrupted stage.
+# The bundled default (docs/training.md, "How the bundled default was trained"), every stage on the 2-core
+# CPU in the background; each command continues its own run with --resume after a stop. The first bundled
+# default (4-channel codec, commit 1704529) was trained by this target as it stood at that commit.
+FIRST_BUNDLE := 1704529
 train-default: photos
-	$(BIN)/infgen train --config configs/autoencoder-small.yaml --max-steps 700 --set optim.decay_steps=1500 \
-		--set data.batch_size=4 --set loss.perceptual=none --set loss.perceptual_weight=0 \
-		--set optim.warmup_steps=50 --set optim.ema_decay=0.995 --set train.ckpt_every=100 --set train.sample_every=100
-	$(BIN)/infgen train --config configs/cpu-small.yaml --max-steps 343 --set optim.decay_steps=450 \
-		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
-		--set optim.lr=3e-4 --set optim.warmup_steps=20 --set optim.ema_decay=0.98 \
-		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=150
-	$(BIN)/infgen train --config configs/cpu-small.yaml --output runs/infgen-small-2 --max-steps 700 \
-		--set model.init_from=runs/infgen-small/final --set render_cells=32 --set train.mixed_precision=bf16 \
-		--set optim.decay_steps=850 --set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 \
-		--set optim.lr=2e-4 --set optim.warmup_steps=30 --set optim.ema_decay=0.995 \
-		--set train.cpu_threads=2 --set train.ckpt_every=50 --set train.sample_every=425
-	$(BIN)/python scripts/shrink_photos.py --split data/splits/train.txt --root data/photos --out data/photos-2400
-	$(BIN)/infgen train --config configs/cpu-small.yaml --output runs/infgen-small-4 --max-steps 1500 \
-		--set model.init_from=runs/infgen-small-2/final --data data/photos-2400/train.txt \
-		--set data.root=data/photos-2400 --set data.preview_source=data/photos-2400/train.txt \
-		--set data.batch_size=32 --set data.num_workers=14 --set render_cells=64 --set train.mixed_precision=bf16 \
-		--set loss.perceptual=none --set loss.perceptual_weight=0 --set loss.gan_weight=0 --set train.cpu_threads=0 \
-		--set optim.lr=2e-4 --set optim.warmup_steps=100 --set optim.decay_steps=1500 --set optim.ema_decay=0.999 \
-		--set train.log_every=10 --set train.sample_every=0 --set train.ckpt_every=100000
-	$(BIN)/infgen bundle --infgen runs/infgen-small-4/final --codec runs/autoencoder/final \
-		--out src/infgen/assets/default --train-latent 32 --max-scale 4
-
-# The next default, in training (docs/training.md, "The 16-channel default"): the 16-channel codec (done;
-# its export is committed as checkpoints/autoencoder-16ch), then InfGen `small` on it with L1 + perceptual +
-# PatchGAN and seam-free windows (in training; a session that ends mid-run commits its EMA weights as
-# checkpoints/infgen-16ch, and the next one continues from them: see checkpoints/README.md). Both on the
-# 2-core CPU, in the background; each command continues its own run with --resume after a stop.
-train-16ch: photos
 	$(BIN)/infgen data cache data/splits/train.txt --root data/photos --cache data/cache
-	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume
-	$(BIN)/infgen train --config configs/infgen-16ch.yaml --resume
+	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume     # committed: checkpoints/autoencoder-16ch
+	mkdir -p runs/first-bundle/infgen && for f in config.json model.safetensors; do \
+		git show $(FIRST_BUNDLE):src/infgen/assets/default/infgen/$$f > runs/first-bundle/infgen/$$f; done
+	# A: no base, warm start from the first bundle; stopped at step 2,539 (committed: checkpoints/infgen-16ch)
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-a --resume --max-steps 2539 \
+		--set model.base_from_codec=false --set model.warm_start=runs/first-bundle/infgen \
+		--set loss.gan_start=4000 --set optim.warmup_steps=200 --set optim.decay_steps=20000
+	# B: the base decoder from the codec; stopped at step 1,062
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-b --resume --max-steps 1062 \
+		--set model.warm_start=runs/infgen-16ch-a/final
+	# C: + base_tokens, from B's last raw weights
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-c --resume \
+		--set model.base_from_codec=false --set model.warm_start=runs/infgen-16ch-b/checkpoints/step-000001062 \
+		--set "model.overrides.base_channels=[128,96,48,24]" --set model.overrides.base_tokens=true \
+		--set optim.warmup_steps=50 --set optim.decay_steps=2500 --set train.max_steps=2500 --set loss.gan_start=1000
+	$(BIN)/infgen bundle --infgen runs/infgen-16ch-c/final --codec checkpoints/autoencoder-16ch \
+		--out src/infgen/assets/default --train-latent 32 --max-scale 4
 
 # The evaluation table in the README (needs `make photos`).
 eval: $(VENV)/.installed-dev

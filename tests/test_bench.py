@@ -192,3 +192,23 @@ def test_missing_diffusers_fails_before_any_case(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "b").exists()
     monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda *a, **k: pytest.fail("made a temp dir before failing"))
     assert main(["bench", "--quick"]) == 2                                    # no --out: no temp dir either
+
+
+def test_pipeline_bench_times_every_stage_of_the_user_path(tmp_path, tiny_bundle):
+    """--pipeline: InfGenPipeline.upscale of the demo photo, per stage, and the one-pass decode; doc section."""
+    from infgen import bench_pipeline
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    assert main(["bench", "--pipeline", "--checkpoint", str(tiny_bundle), "--sizes", "64x48,256x144",
+                 "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    rows = json.loads((tmp_path / "pipeline.json").read_text())["rows"]
+    assert [r["size"] for r in rows][:2] == ["64x48", "256x144"]
+    small, big = rows[0], rows[1]          # tiny bundle: 8-cell training latents, max scale 2
+    assert [s["stage"] for s in small["stages"]] == ["encode", "decode"] and small["extrapolation_steps"] == 0
+    assert [s["stage"] for s in big["stages"]] == ["encode", "decode", "encode", "decode"]
+    assert big["extrapolation_steps"] == 1
+    assert all(s["seconds"] > 0 for r in rows for s in r["stages"]) and big["one_pass_seconds"] > 0
+    assert sum(s["seconds"] for s in big["stages"]) <= big["seconds"] * 1.01
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n") and text.count(bench_pipeline.DOC_BEGIN) == 1
+    assert "| fp32" in text and "| 256x144 |" in text

@@ -135,6 +135,21 @@ def test_upscale_sizes(capsys, tmp_path, tiny_bundle, photo, opts, size):
     assert size_of(tmp_path / "up.png") == size
 
 
+@pytest.mark.parametrize("fast_bf16,expected", [(True, "bf16"), (False, "fp32")])
+def test_default_dtype_is_picked_from_the_cpu_and_printed(capsys, tmp_path, tiny_bundle, photo, monkeypatch,
+                                                           fast_bf16, expected):
+    """--dtype auto (the default): bf16 where the CPU has AVX512-BF16/AMX, fp32 elsewhere; the line says so."""
+    from infgen import precision
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    seen = []
+    monkeypatch.setattr(InfGenPipeline, "decode", lambda self, *a, **k: seen.append(self.model.dtype) or
+                        torch.zeros(1, 3, 45, 60))
+    rc, out, err = cli(capsys, "upscale", photo, "--scale", "1.5", "-o", tmp_path / "up.png", "--checkpoint", tiny_bundle)
+    assert rc == 0, err
+    assert seen == [{"bf16": torch.bfloat16, "fp32": torch.float32}[expected]]
+    assert f", {expected} (auto)" in out
+
+
 def test_upscale_many_images_to_folder(capsys, tmp_path, tiny_bundle, photo):
     Image.new("RGBA", (16, 24), (0, 0, 255, 128)).save(photo.parent / "second.png")
     rc, _, err = cli(capsys, "upscale", photo, photo.parent / "second.png", "--scale", "0.5",
@@ -366,3 +381,25 @@ def test_missing_optional_dependency_is_one_line(monkeypatch, capsys):
     rc = main(["decode", "x.npy", "--height", "8", "--width", "8", "-o", "y.png"])
     err = capsys.readouterr().err
     assert rc == 2 and "optional dependency" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["symlink_loop", "parent_is_a_file", "read_only_fs"])
+def test_unusable_output_paths_fail_before_decoding(capsys, tmp_path, tiny_bundle, photo, monkeypatch, case):
+    """Path errors are one line and exit 2, found before any decode (the decode is never called)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if case == "symlink_loop":
+        (out_dir / "loop.png").symlink_to(out_dir / "loop.png")
+        target, message = out_dir / "loop.png", "cannot resolve the path"
+    elif case == "parent_is_a_file":
+        (out_dir / "file").write_text("x")
+        target, message = out_dir / "file" / "sub" / "x.png", "is not a folder"
+    else:   # root ignores permission bits, so fake what a read-only filesystem answers to a new file
+        import tempfile
+        def refuse(*a, **k):
+            raise OSError(30, "Read-only file system")
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+        target, message = out_dir / "x.png", "cannot write outputs to"
+    monkeypatch.setattr(InfGenPipeline, "decode", lambda *a, **k: pytest.fail("decoded before checking the output"))
+    rc, _, err = cli(capsys, "upscale", photo, "--scale", "2", "-o", target, "--checkpoint", tiny_bundle)
+    assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -224,3 +224,17 @@ def test_img2img_pipeline_encodes_through_the_codec(bundle_vae, tiny_unet):
         image = pipe(image=init, strength=0.5, num_inference_steps=2, **_embeds(),
                      generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (59, 81)
+
+
+def test_a_diffusers_codec_saved_as_pickle_is_refused(tmp_path):
+    """load_codec passes use_safetensors=True: a .bin (pickle) VAE folder is an error, never unpickled."""
+    from diffusers import AutoencoderKL
+    from infgen.codecs import load_codec
+    kl = AutoencoderKL(block_out_channels=[8, 8], norm_num_groups=8, latent_channels=4,
+                       down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    kl.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert [p.suffix for p in (tmp_path / "bin").glob("diffusion_pytorch_model*")] == [".bin"]
+    with pytest.raises(OSError, match="safetensors"):
+        load_codec(tmp_path / "bin")
+    kl.save_pretrained(tmp_path / "st")
+    assert load_codec(tmp_path / "st").latent_channels == 4

@@ -355,6 +355,8 @@ def test_bad_chunk_size(tiny, chunk):
     (dict(hidden_size=30, num_heads=4), "divisible"),
     (dict(attn_window=2), "odd"),
     (dict(decoder_channels=(8, 8)), "4 positive ints"),
+    (dict(base_channels=(8, 8, 8)), "base_channels must be"),
+    (dict(base_tokens=True), "base_tokens needs a base decoder"),
     (dict(depth=0), "depth must be >= 1"),
     (dict(scaling_factor=float("nan")), "finite"),
 ])
@@ -402,3 +404,81 @@ def test_upsample_conv_equals_nearest_upsample_then_conv():
     x = torch.randn(2, 5, 6, 9, dtype=torch.float64)
     ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     torch.testing.assert_close(upsample_conv(conv, x), ref, rtol=0, atol=1e-12)
+
+
+# -- base decoder (config.base_channels) ---------------------------------------------------------------------
+@pytest.mark.parametrize("top,left,rows,cols,height,width", [
+    (0, 0, 34, 46, 34, 46), (5, 7, 9, 11, 68, 50), (0, 90, 40, 10, 40, 100), (0, 0, 17, 23, 17, 23)])
+def test_resample_equals_crop_of_bicubic_resize(top, left, rows, cols, height, width):
+    x = torch.randn(2, 3, 17, 23, dtype=torch.float64)
+    full = torch.nn.functional.interpolate(x, (height, width), mode="bicubic", align_corners=False)
+    out = layers.resample(x, top, left, rows, cols, height, width)
+    torch.testing.assert_close(out, full[:, :, top:top + rows, left:left + cols], rtol=0, atol=1e-12)
+
+
+def base_model_from(ae):
+    cfg = InfGenConfig.preset("tiny", base_channels=ae.config.decoder_channels, base_blocks=ae.config.blocks)
+    return InfGen(cfg).eval()
+
+
+@pytest.mark.parametrize("height,width", [(32, 48), (64, 96), (77, 150), (20, 30)])
+def test_base_from_codec_decodes_codec_plus_bicubic_before_training(height, width):
+    """init_base_from: at step 0 a decode at any size is the codec's decode resized bicubically, and tiles
+    of it are exact (the base is sampled per output pixel)."""
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    torch.manual_seed(0)
+    ae = KLAutoencoder(AutoencoderConfig.preset("tiny")).eval()
+    model = base_model_from(ae)
+    z = torch.randn(2, 4, 4, 6)
+    before = model.decode(z, height, width)
+    model.init_base_from(ae.decoder)
+    with torch.no_grad():
+        ref = torch.nn.functional.interpolate(ae.decode(z), (height, width), mode="bicubic", align_corners=False)
+    out = model.decode(z, height, width)
+    torch.testing.assert_close(out, ref.clamp(-1, 1), rtol=0, atol=1e-5)
+    assert (before - out).abs().max() > 1e-2                                   # the init changed the model
+    torch.testing.assert_close(model.decode(z, height, width, chunk_size=1), out, rtol=0, atol=1e-5)
+
+
+def test_base_model_trains_every_parameter_and_round_trips(tmp_path):
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    ae = KLAutoencoder(AutoencoderConfig.preset("tiny"))
+    model = base_model_from(ae).train()
+    model(torch.randn(2, 4, 4, 4), 40, 24).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.save_pretrained(tmp_path / "m")
+    loaded = InfGen.from_pretrained(tmp_path / "m")
+    assert loaded.config.base_channels == ae.config.decoder_channels
+    z = torch.randn(1, 4, 3, 5)
+    torch.testing.assert_close(loaded.decode(z, 50, 70), model.eval().decode(z, 50, 70), rtol=0, atol=0)
+
+
+def test_init_base_from_refuses_a_mismatched_decoder():
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    ae = KLAutoencoder(AutoencoderConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="needs base_channels"):
+        InfGen(InfGenConfig.preset("tiny")).init_base_from(ae.decoder)
+    other = InfGen(InfGenConfig.preset("tiny", base_channels=(8, 8, 8, 8)))
+    with pytest.raises(ValueError, match="does not match base_channels"):
+        other.init_base_from(ae.decoder)
+
+
+def test_base_tokens_start_at_zero_and_tile_exactly():
+    """base_tokens: each mask token also sees the 8x8 px of the resized base under it. Zero-initialised,
+    so adding it to a trained model changes nothing; trained (here: random), tiles stay exact."""
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    torch.manual_seed(0)
+    ae = KLAutoencoder(AutoencoderConfig.preset("tiny")).eval()
+    plain = base_model_from(ae)
+    model = InfGen(InfGenConfig.preset("tiny", base_channels=ae.config.decoder_channels, base_tokens=True)).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    z = torch.randn(2, 4, 4, 6)
+    torch.testing.assert_close(model.decode(z, 77, 150), plain.decode(z, 77, 150), rtol=0, atol=0)
+    torch.nn.init.normal_(model.base_in.weight, std=1.0)
+    out = model.decode(z, 77, 150)
+    assert (out - plain.decode(z, 77, 150)).abs().max() > 1e-2
+    torch.testing.assert_close(model.decode(z, 77, 150, chunk_size=1), out, rtol=0, atol=1e-5)
+    with torch.no_grad():                                  # a training region sees the same base
+        torch.testing.assert_close(model(z, 77, 150, region=(2, 3, 4, 5)).clamp(-1, 1),
+                                   out[:, :, 16:48, 24:64], rtol=0, atol=1e-5)

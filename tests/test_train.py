@@ -2,6 +2,7 @@
 two-process DDP (gloo), SIGTERM / SIGKILL, config errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,22 @@ def test_warm_start_copies_matching_tensors(tmp_path):
     assert skipped == ["latent_in.weight"] and len(copied) == len(source.state_dict()) - 1
     torch.testing.assert_close(target.decoder.conv_out.weight, source.decoder.conv_out.weight, rtol=0, atol=0)
     torch.testing.assert_close(target.latent_in.weight, fresh, rtol=0, atol=0)
+
+
+def test_base_from_codec_starts_at_codec_plus_bicubic(tmp_path, images, codec_dir):
+    """model.base_from_codec: the base is the codec's decoder (then trained), the rest warm-started."""
+    cfg = infgen_config(images, codec_dir, max_steps=1)
+    cfg["model"]["base_from_codec"] = True
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--output", str(out),
+                 "--set", "optim.lr=1e-12", "--set", "optim.min_lr=0"]) == 0    # weights stay at init
+    model = InfGen.from_pretrained(out / "final")
+    ae = KLAutoencoder.from_pretrained(codec_dir)
+    assert model.config.base_channels == ae.config.decoder_channels
+    z = torch.randn(1, 4, 4, 5)
+    with torch.no_grad():
+        ref = torch.nn.functional.interpolate(ae.decode(z), (48, 72), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(model.decode(z, 48, 72), ref.clamp(-1, 1), rtol=0, atol=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, images, codec_dir, capsys):
@@ -310,3 +327,74 @@ def test_ctrl_c_to_the_process_group_with_data_workers_saves_cleanly(tmp_path, i
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped by signal" in err and "killed by signal" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncate:model.safetensors", "empty:optimizer.pt", "delete:ema.safetensors",
+                                    "garbage:trainer.json", "truncate:disc_optimizer.pt"])
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, images, codec_dir, capsys, damage):
+    """--resume checks the newest checkpoint's files and falls back to the previous one, saying why; when no
+    checkpoint is readable it is one line and exit 2."""
+    config = write_config(tmp_path / "cfg.yaml", infgen_config(images, codec_dir))
+    out, all_bad = tmp_path / "run", tmp_path / "all-bad"
+    assert main(["train", "--config", str(config), "--output", str(out)]) == 0
+    assert checkpoints(out) == ["step-000000002", "step-000000004"]
+    shutil.copytree(out, all_bad)
+    how, name = damage.split(":")
+
+    def spoil(f: Path) -> None:
+        {"truncate": lambda: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+         "empty": lambda: f.write_bytes(b""), "delete": f.unlink, "garbage": lambda: f.write_text("{not json")}[how]()
+
+    spoil(out / "checkpoints" / "step-000000004" / name)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--output", str(out), "--resume", "--max-steps", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step-000000004: " in err and name in err
+    assert [m["step"] for m in metrics(out)][-3:] == [3, 4, 5]              # resumed from step 2
+
+    for ckpt in checkpoints(all_bad):
+        spoil(all_bad / "checkpoints" / ckpt / name)
+    assert main(["train", "--config", str(config), "--output", str(all_bad), "--resume", "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("infgen train: error: no readable checkpoint among 2")
+    assert "Traceback" not in err
+
+
+def ae_run_config(images: Path, **train) -> dict:
+    return {"kind": "autoencoder", "model": {"preset": "tiny"}, "seed": 0,
+            "data": {"source": str(images), "input_size": 32, "batch_size": 2, "num_workers": 0},
+            "loss": {"perceptual": "none", "gan_weight": 0.0}, "optim": {"lr": 1e-3, "warmup_steps": 1},
+            "train": {"max_steps": 6, "log_every": 1, "sample_every": 0, "stats_batches": 1, **train}}
+
+
+def final_weights(out: Path) -> dict:
+    return load_file(out / "checkpoints" / checkpoints(out)[-1] / "model.safetensors")
+
+
+def test_stop_at_any_step_and_checkpoint_spacing_do_not_change_the_run(tmp_path, images, monkeypatch):
+    """SIGTERM between checkpoints (here after step 3, checkpoints every 4) and resume gives the
+    uninterrupted run bit for bit; so do checkpoints every step. (Rebuilding the data loader used to draw
+    from torch's global generator, so every stop or checkpoint shifted the posterior samples.)"""
+    import infgen.train as train_module
+    real_update, runs = train_module.update_ema, {}
+    for name, ckpt_every, stop_after in [("plain", 4, None), ("stopped", 4, 3), ("every_step", 1, None)]:
+        config = write_config(tmp_path / f"{name}.yaml", ae_run_config(images, ckpt_every=ckpt_every))
+        out = tmp_path / name
+        calls = {"n": 0}
+
+        def update(*a, stop_after=stop_after, calls=calls, **k):
+            real_update(*a, **k)
+            calls["n"] += 1
+            if calls["n"] == stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)                 # the handler finishes the step and saves
+        monkeypatch.setattr(train_module, "update_ema", update)
+        assert main(["train", "--config", str(config), "--output", str(out)]) == 0
+        if stop_after:
+            assert checkpoints(out) == ["step-000000003"]
+            monkeypatch.setattr(train_module, "update_ema", real_update)
+            assert main(["train", "--config", str(config), "--output", str(out), "--resume"]) == 0
+        runs[name] = (final_weights(out), [m["loss"] for m in metrics(out) if "loss" in m])
+    for name in ("stopped", "every_step"):
+        assert runs[name][1] == runs["plain"][1], name
+        for k, v in runs["plain"][0].items():
+            torch.testing.assert_close(runs[name][0][k], v, rtol=0, atol=0, msg=f"{name}: {k}")

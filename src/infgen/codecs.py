@@ -89,6 +89,17 @@ class DiffusersVAECodec(LatentCodec):
         self.vae.save_pretrained(path)
 
 
+def looks_local(spec: str | Path) -> bool:
+    """True unless `spec` can only be a hub id ("owner/name" or "owner/name:subfolder") whose first part is
+    not a folder here: "runs/autoencoder/final", "./x", "/abs", "~/x" and "checkpoints/ae" (when checkpoints/
+    exists) are local paths, and a missing local path is an error, never a hub request."""
+    text = str(spec)
+    repo = text.partition(":")[0]
+    if text.startswith((".", "/", "~")) or repo.count("/") != 1 or "\\" in text:
+        return True
+    return Path(repo.split("/")[0]).is_dir()
+
+
 def load_codec(spec: str | Path, device: str | torch.device = "cpu", sample: bool = False) -> LatentCodec:
     """Load a codec from a local directory or a hub id.
 
@@ -107,10 +118,13 @@ def load_codec(spec: str | Path, device: str | torch.device = "cpu", sample: boo
                                   "or a diffusers AutoencoderKL directory")
     elif path.exists():
         raise CheckpointError(f"{path} is not a codec checkpoint directory (no {CONFIG_NAME})")
+    elif looks_local(spec):
+        raise CheckpointError(f"codec {spec}: no such directory (a local path; hub ids look like owner/name)")
     try:
         from diffusers import AutoencoderKL
     except ImportError:
         raise ImportError("loading a diffusers VAE needs the `diffusers` extra: pip install 'infgen[diffusers]'") from None
     repo, _, subfolder = spec.partition(":") if not path.exists() else (spec, "", "")
-    vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None)
+    # use_safetensors: a .bin (pickle) in the folder is refused, never unpickled
+    vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder or None, use_safetensors=True)
     return DiffusersVAECodec(vae.to(device), sample=sample)

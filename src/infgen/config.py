@@ -35,12 +35,18 @@ class InfGenConfig:
     scale_embed: bool = True          # give mask tokens log(output/latent scale), like LIIF's cell size
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16)  # conv decoder widths at 1/8, 1/4, 1/2, 1
     decoder_blocks: int = 1           # residual blocks per decoder level (not at full resolution)
+    base_channels: tuple[int, ...] = ()  # () none; else widths of a base decoder of the raw latent at 1x
+                                      # whose bicubic resize the mask tokens' pixels are added to (model.py)
+    base_blocks: int = 1              # residual blocks per base decoder level
+    base_tokens: bool = False         # mask tokens also see the 8x8 px of the resized base under them
     fourier_seed: int = 0             # seed of B; B is stored with the weights anyway
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(self.decoder_channels)
+        self.base_channels = tuple(self.base_channels)
         ints = ["latent_channels", "hidden_size", "num_heads", "latent_depth", "depth", "attn_window",
-                "fourier_features", "inpe_hidden", "decoder_blocks", "fourier_seed"]
+                "fourier_features", "inpe_hidden", "decoder_blocks", "base_blocks",
+                "fourier_seed"]
         for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -48,7 +54,7 @@ class InfGenConfig:
         for name in ["latent_channels", "hidden_size", "num_heads", "depth", "fourier_features", "inpe_hidden"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"InfGenConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ["latent_depth", "decoder_blocks"]:
+        for name in ["latent_depth", "decoder_blocks", "base_blocks"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"InfGenConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
@@ -67,6 +73,11 @@ class InfGenConfig:
         if len(self.decoder_channels) != 4 or not all(isinstance(c, int) and c >= 1 for c in self.decoder_channels):
             raise ValueError("decoder_channels must be 4 positive ints (widths at 1/8, 1/4, 1/2 and full "
                              f"resolution), got {self.decoder_channels!r}")
+        if len(self.base_channels) not in (0, 4) or not all(isinstance(c, int) and c >= 1 for c in self.base_channels):
+            raise ValueError("base_channels must be () (no base decoder) or 4 positive ints (widths at 1/8, 1/4, "
+                             f"1/2 and full resolution), got {self.base_channels!r}")
+        if self.base_tokens and not self.base_channels:
+            raise ValueError("base_tokens needs a base decoder (base_channels)")
 
     # -- presets -----------------------------------------------------------------------------------------
     @classmethod
@@ -79,6 +90,7 @@ class InfGenConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["decoder_channels"] = list(self.decoder_channels)
+        d["base_channels"] = list(self.base_channels)
         return d
 
     @classmethod

@@ -34,15 +34,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .images import IMAGE_SUFFIXES, to_rgb
 from .photo_cache import CachedPhoto, build_cache
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
 def list_images(path: str | Path) -> list[Path]:
-    """Image files (jpg, jpeg, png, webp; any case) below `path`, recursively, sorted."""
+    """Image files (images.IMAGE_SUFFIXES, any case) below `path`, recursively, sorted."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"image folder {path} does not exist or is not a folder")
@@ -56,20 +54,6 @@ def read_split(path_txt: str | Path, root: str | Path) -> list[Path]:
         raise ValueError(f"split list {path_txt} not found")
     names = [line.strip() for line in path_txt.read_text().splitlines()]
     return [root / n for n in names if n and not n.startswith("#")]
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, P, LA, RGBA, CMYK, I;16, I, F, ...) -> RGB; transparency is composited on white."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit (or 32-bit) grey: rescale, do not clip
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-    return im.convert("RGB")
 
 
 @dataclass
@@ -391,8 +375,13 @@ class Loader:
 
     def __init__(self, dataset: MultiResDataset, num_workers: int):
         self.dataset = dataset
+        # Its own generator: DataLoader draws a base seed for its workers each time iteration starts, from
+        # torch's global generator otherwise, and that draw would shift the training run's random stream by
+        # where the loader was (re)built (a resume, a checkpoint). The batches themselves use numpy
+        # generators keyed by (seed, rank, batch), so this seed only reaches torch's per-worker seeding.
+        generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + dataset.rank * 7919 + dataset.start)
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                                  persistent_workers=num_workers > 0,
+                                                  persistent_workers=num_workers > 0, generator=generator,
                                                   worker_init_fn=_ignore_stop_signals if num_workers else None)
         self._per_worker: dict[int, dict] = {}
 

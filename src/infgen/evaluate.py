@@ -30,7 +30,8 @@ from PIL import Image
 
 from .checkpoint import atomic_write_bytes
 from .metrics import InceptionFeatures, fid_from_features, kid_from_features, lattice_differences, psnr, ssim
-from .pipeline import InfGenPipeline, pil_to_tensor, tensor_to_pil
+from .images import open_rgb, pil_to_tensor, tensor_to_pil
+from .pipeline import InfGenPipeline
 
 METHODS = ("infgen", "ae+bicubic", "ae+lanczos", "bicubic", "lanczos")
 LABELS = {"infgen": "**InfGen**", "ae+bicubic": "AE + bicubic", "ae+lanczos": "AE + Lanczos",
@@ -48,7 +49,7 @@ def centre_crop(im: Image.Image, aspect: float) -> tuple[int, int, int, int]:
 def protocol_pair(path: Path, input_size: int, height: int, width: int):
     """(input, ground truth) of one photo under this protocol, (1, 3, s, s) and (1, 3, H, W) in [-1, 1];
     None when the photo is too small for the target (the ground truth is never upsampled)."""
-    im = Image.open(path).convert("RGB")
+    im = open_rgb(path, max_pixels=None)
     box = centre_crop(im, width / height)
     if box[2] - box[0] < width or box[3] - box[1] < height:
         return None

@@ -26,6 +26,24 @@ def grid_coords(rows: Tensor, cols: Tensor, cell: float, height: float, width: f
     return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
+def resample(image: Tensor, top: int, left: int, rows: int, cols: int, height: int, width: int) -> Tensor:
+    """Pixels [top:top+rows, left:left+cols] of `image` (B, c, h, w) bicubically resized to (height, width).
+
+    Equals that crop of F.interpolate(image, (height, width), mode="bicubic", align_corners=False) (test),
+    without making the whole resized image: each output pixel is a function of its own coordinate only,
+    so any tiling of the output gives the same pixels, and the result is continuous in the coordinate.
+    """
+    # Coordinates need fp32 or better: in bf16 (8-bit mantissa) a 4K row's pixel positions would collapse.
+    work = image if image.dtype == torch.float64 else image.float()
+    dev, dt = image.device, work.dtype
+    y = ((torch.arange(top, top + rows, device=dev, dtype=dt) + 0.5) / height) * 2 - 1
+    x = ((torch.arange(left, left + cols, device=dev, dtype=dt) + 0.5) / width) * 2 - 1
+    grid = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)         # (rows, cols, 2) as (x, y)
+    out = F.grid_sample(work, grid[None].expand(image.shape[0], -1, -1, -1), mode="bicubic",
+                        padding_mode="border", align_corners=False)           # (B, c, rows, cols)
+    return out.to(image.dtype)
+
+
 class INPE(nn.Module):
     """Implicit neural positional embedding: (y, x) -> unit sphere -> random Fourier features -> MLP.
 
@@ -141,7 +159,7 @@ class Windows:
     swap in or out there carry weight 0. Every key with a non-zero weight lies in the group's window (for a
     query in cell c: |c' + 0.5 - p| < size/2 implies |c' - c| <= size//2). Without falloff each query sees
     its cell's window with equal prior and the window jumps at cell borders: a lattice with the latent-cell
-    period at upscales (the first bundled model was trained so and keeps it).
+    period at upscales (the first bundled model, replaced, was trained so).
     """
     rows: Tensor                      # (nr,) padded slot of each query row: group * m_r + position
     cols: Tensor                      # (nc,)

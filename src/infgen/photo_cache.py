@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .images import to_rgb
+
 CACHE_VERSION = 1
 MIN_LEVEL_SIDE = 64       # stop halving below this (the smallest crops are >= 64 px)
 
@@ -92,7 +94,6 @@ def _read_entry(folder: Path) -> CachedPhoto | None:
 
 def _write_entry(path: Path, folder: Path) -> None:
     """Decode `path` into a pyramid under `folder` (atomically). Unreadable files get a 'corrupt' entry."""
-    from .data import to_rgb  # the one mode conversion the loader also uses
 
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -19,7 +19,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -27,7 +26,9 @@ from torch import Tensor
 from .checkpoint import CheckpointError, atomic_write_bytes, read_json
 from .codecs import LatentCodec, load_codec
 from .config import DEFAULT_MAX_PIXELS
-from .model import InfGen, _progress, check_size
+from .images import pil_to_tensor, tensor_to_pil  # noqa: F401  (part of this module's API)
+from .model import InfGen, check_latents, check_size
+from .utils import progress_bar
 
 DEFAULT_BUNDLE = Path(__file__).parent / "assets" / "default"
 BUNDLE_NAME = "bundle.json"
@@ -148,7 +149,7 @@ class InfGenPipeline:
     def decode(self, latents: Tensor, height: int, width: int, *, chunk_size: int | None = None,
                extrapolate: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False) -> Tensor:
         """Raw latents (B, C, h, w) -> images (B, 3, height, width) in [-1, 1]; the path every tool calls."""
-        self.model._check_latents(latents)
+        check_latents(latents, self.model.config.latent_channels)
         height, width = check_size(height, width, max_pixels)
         h, w = latents.shape[-2:]
         scale = max(height / (8 * h), width / (8 * w))
@@ -176,7 +177,7 @@ class InfGenPipeline:
         out = torch.zeros(B, 3, height, width, dtype=torch.float32, device=self.device)
         weight = torch.zeros(1, 1, height, width, dtype=torch.float32, device=self.device)
         ys, xs = _window_starts(h, core), _window_starts(w, core)
-        bar = _progress(len(ys) * len(xs), progress)
+        bar = progress_bar(len(ys) * len(xs), progress, desc="windows", unit="window")
         for y in ys:
             for x in xs:
                 ly0, ly1 = max(y - m, 0), min(y + core + m, h)            # latent window with context
@@ -221,15 +222,3 @@ def _ramp(n: int, margin: int, fade_start: bool, fade_end: bool) -> Tensor:
     if fade_end:
         r[n - margin:] = torch.minimum(r[n - margin:], ramp.flip(0))
     return r
-
-
-def pil_to_tensor(image: Image.Image) -> Tensor:
-    """PIL (any mode) -> (1, 3, h, w) float in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
-def tensor_to_pil(x: Tensor) -> Image.Image:
-    """(3, h, w) in [-1, 1] -> RGB PIL image (rounded, not truncated)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)

@@ -9,7 +9,7 @@ InfGenPipeline.upscale (the one decoding path the CLI, evaluation and benchmarks
 
 Limits a public demo needs: an output pixel cap (--max-pixels, 8K by default), an input pixel cap and an
 upload size cap (gradio's max_file_size), a per-request time limit (--timeout) and a queue that runs one
-decode at a time. Uploads are read with our own PIL code (commands.common.read_image), so empty, truncated,
+decode at a time. Uploads are read with our own PIL code (images.open_rgb), so empty, truncated,
 non-image and decompression-bomb files get a one-line message in the page and the server keeps serving.
 The page is fully offline: no analytics, no share link, no server-side rendering, fonts served locally.
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 import gradio as gr  # the optional extra `infgen[demo]`; cli.py turns an ImportError into a hint
 from PIL import Image
 
+from . import images
 from .commands import common
 from .model import check_size
 from .pipeline import InfGenPipeline
@@ -50,7 +51,7 @@ PRESETS: dict[str, tuple[int, int] | None] = {
 class ServeLimits:
     """What one request may cost; checked before any decoding starts."""
     max_pixels: int | None = MAX_PIXELS_8K          # output width*height cap (None: no cap)
-    max_input_pixels: int = common.MAX_INPUT_PIXELS  # decoded upload width*height cap (bomb guard)
+    max_input_pixels: int = images.MAX_INPUT_PIXELS  # decoded upload width*height cap (bomb guard)
     max_upload_mb: float = 20.0                     # upload size cap, enforced by gradio and re-checked here
     timeout_s: float = 120.0                        # wall-clock limit of one decode (encode + decode + PNG)
     queue_size: int = 16                            # requests waiting beyond this are turned away
@@ -191,7 +192,6 @@ class Upscaler:
         self.pipe, self.limits, self.outdir = pipe, limits, Path(outdir)
         self.keep_outputs_s = keep_outputs_s
         self.outdir.mkdir(parents=True, exist_ok=True)
-        self._read_lock = threading.Lock()  # read_image swaps PIL's global bomb limit for the call
 
     def read(self, path) -> Image.Image:
         """An uploaded file -> RGB image, or RequestError with a message that names the upload, not its temp path."""
@@ -202,8 +202,7 @@ class Upscaler:
             raise RequestError(f"{path.name} is {path.stat().st_size / 2**20:.1f} MB, above the "
                                f"{self.limits.max_upload_mb:g} MB upload limit")
         try:
-            with self._read_lock:
-                return common.read_image(path, self.limits.max_input_pixels)
+            return images.open_rgb(path, self.limits.max_input_pixels)
         except ValueError as e:
             raise RequestError(str(e).replace(str(path), path.name)) from None
 
@@ -266,7 +265,7 @@ def build_app(pipe: InfGenPipeline, limits: ServeLimits | None = None, outdir: s
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the demo never phones home (read again at launch)
     outdir = Path(outdir) if outdir is not None else Path(tempfile.mkdtemp(prefix="infgen-serve-"))
     worker = Upscaler(pipe, limits, outdir)
-    samples = sorted(p for p in Path(samples_dir).glob("*") if p.suffix.lower() in common.IMAGE_SUFFIXES) \
+    samples = sorted(p for p in Path(samples_dir).glob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES) \
         if samples_dir is not None and Path(samples_dir).is_dir() else []
     cap = "no cap" if limits.max_pixels is None else f"{limits.max_pixels / 1e6:.1f} MP"
 

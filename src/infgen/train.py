@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -42,12 +43,14 @@ import torch
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, KLAutoencoder
-from .checkpoint import atomic_save_safetensors, atomic_write_bytes, check_state_dict, load_safetensors, read_json
+from .checkpoint import (CheckpointError, atomic_save_safetensors, atomic_write_bytes, check_state_dict,
+                         load_safetensors, read_json)
+from .images import one_line
 from .config import InfGenConfig
 from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from .model import InfGen
 from .perceptual import BACKENDS, PerceptualLoss
-from .pipeline import tensor_to_pil
+from .images import tensor_to_pil
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: dataclasses, loaded from YAML; unknown keys are errors that name the key.
@@ -62,6 +65,8 @@ class ModelConfig:
     warm_start: str | None = None    # a save_pretrained directory of another architecture (e.g. trained for
                                      # 4-channel latents): every tensor whose name and shape match is copied,
                                      # the rest keep their initialisation (both lists are printed)
+    base_from_codec: bool = False    # infgen: a base decoder copied from the codec's (a KLAutoencoder), so
+                                     # training starts at codec + bicubic (InfGen.init_base_from)
 
 
 @dataclass
@@ -202,6 +207,8 @@ class TrainConfig:
             raise ValueError("model.init_from and model.warm_start exclude each other; use one")
         if self.model.init_from and self.model.overrides:
             raise ValueError("model.init_from takes the architecture from that checkpoint; remove model.overrides")
+        if self.model.base_from_codec and (self.kind != "infgen" or self.model.init_from):
+            raise ValueError("model.base_from_codec starts a new kind: infgen model (it cannot follow init_from)")
         if self.kind == "autoencoder" and self.train.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing is implemented for kind: infgen only")
 
@@ -368,20 +375,102 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def save_torch_tensors(obj: dict, path: Path) -> None:
-    """torch.save for optimizer state only (nested dicts of tensors and numbers: weights_only-loadable)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save for optimizer state only (nested dicts of tensors and numbers: weights_only-loadable),
+    written atomically and fsynced like every other checkpoint file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_torch_tensors(path: Path, device) -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+    """An optimizer state saved by save_torch_tensors; a one-line CheckpointError when it is unreadable."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with objects: never a traceback
+        raise CheckpointError(f"{path} is not a readable optimizer state ({one_line(e, 160)})") from None
+
+
+def check_checkpoint(ckpt: Path, kind: str, with_disc: bool) -> None:
+    """Read every file a resume needs (without using it); a one-line CheckpointError names the first bad one."""
+    meta = read_json(ckpt / "trainer.json")
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{ckpt} is a kind: {meta.get('kind')} checkpoint, the config says kind: {kind}")
+    if not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{ckpt / 'trainer.json'} has no integer step")
+    names = ["model", "ema"] + (["discriminator"] if with_disc and (ckpt / "discriminator.safetensors").exists() else [])
+    for name in names:
+        load_safetensors(ckpt / f"{name}.safetensors")
+    load_torch_tensors(ckpt / "optimizer.pt", "cpu")
+    if with_disc and (ckpt / "disc_optimizer.pt").exists():
+        load_torch_tensors(ckpt / "disc_optimizer.pt", "cpu")
+
+
+def newest_valid_checkpoint(checkpoints: list[Path], kind: str, with_disc: bool, say: bool) -> Path:
+    """The newest checkpoint that check_checkpoint accepts, saying which newer ones it skipped and why."""
+    reasons = []
+    for ckpt in reversed(checkpoints):
+        try:
+            check_checkpoint(ckpt, kind, with_disc)
+            return ckpt
+        except CheckpointError as e:
+            reasons.append(str(e))
+            if say:
+                print(f"infgen train: skipping checkpoint {ckpt.name}: {e}", file=sys.stderr)
+    raise CheckpointError(f"no readable checkpoint among {len(checkpoints)} in {checkpoints[0].parent} "
+                          f"(newest: {reasons[0]})")
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
     state = load_safetensors(path)
     check_state_dict(module.state_dict(), state, str(path))
     module.load_state_dict(state, strict=True)
+
+
+def check_paths(cfg: "TrainConfig") -> None:
+    """Fail in one line, before any work, on a local input path that does not exist, naming the config whose
+    run makes it; no codec given (kind: infgen) means the bundled default's, announced."""
+    from .codecs import looks_local
+    if cfg.kind == "infgen" and not cfg.codec:
+        from .pipeline import DEFAULT_BUNDLE
+        cfg.codec = str(DEFAULT_BUNDLE / "codec")
+        print(f"infgen train: no codec given: using the bundled default's ({cfg.codec})", file=sys.stderr)
+    paths = {"codec": cfg.codec, "model.init_from": cfg.model.init_from, "model.warm_start": cfg.model.warm_start}
+    for key, value in paths.items():
+        if value is None or Path(value).exists() or (key == "codec" and not looks_local(value)):
+            continue
+        makers = [f for d in config_dirs() for f in sorted(d.glob("*.yaml")) if run_export(f) == Path(value)]
+        how = (f"it is the export of `infgen train --config {makers[0]}`: run that first" if makers
+               else "give an existing directory")
+        raise ValueError(f"{key} {value} does not exist; {how}")
+
+
+def config_dirs() -> list[Path]:
+    """configs/ here and in the source checkout (an editable install), where the shipped configs live."""
+    dirs = [Path("configs"), Path(__file__).resolve().parents[2] / "configs"]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in {e.resolve() for e in dirs[:i]}]
+
+
+def run_export(config: Path) -> Path | None:
+    """OUTPUT/final of a training config (None if it is not one)."""
+    import yaml
+    try:
+        raw = yaml.safe_load(config.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return Path(raw["output"]) / "final" if isinstance(raw, dict) and raw.get("output") else None
+
+
+def base_shape(cfg: "TrainConfig", codec) -> dict:
+    """InfGenConfig fields for model.base_from_codec: the codec decoder's widths and depth."""
+    if not cfg.model.base_from_codec:
+        return {}
+    ae = getattr(codec, "autoencoder", None)
+    if ae is None:
+        raise ValueError(f"model.base_from_codec needs a KLAutoencoder codec (its decoder is copied); "
+                         f"{cfg.codec} is a {type(codec).__name__}")
+    return dict(base_channels=ae.config.decoder_channels, base_blocks=ae.config.blocks)
 
 
 def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
@@ -495,8 +584,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     T, D, L, O = cfg.train, cfg.data, cfg.loss, cfg.optim
     if D.source is None:
         raise ValueError("no training data: pass --data PATH (folder of images or webdataset shards) or set data.source")
-    if cfg.kind == "infgen" and not cfg.codec:
-        raise ValueError("kind: infgen needs `codec:` (an autoencoder directory, diffusers VAE directory or hub id)")
+    check_paths(cfg)
     use_cpu = T.cpu or not torch.cuda.is_available()
     if T.cpu_threads > 0:
         torch.set_num_threads(T.cpu_threads)
@@ -544,12 +632,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 raise ValueError(f"model.init_from {cfg.model.init_from} was trained for latents {got}, "
                                  f"the codec {cfg.codec} has {from_codec}")
         else:
-            model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec}))
+            model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec,
+                                                                     **base_shape(cfg, codec)}))
         if cfg.model.warm_start and not resume_ckpt:
             copied, skipped = warm_start(model, cfg.model.warm_start)
             if is_main:
                 print(f"infgen train: warm start from {cfg.model.warm_start}: {len(copied)} tensors copied, "
                       f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
+        if cfg.model.base_from_codec and not resume_ckpt and not cfg.model.init_from:
+            model.init_base_from(codec.autoencoder.decoder)
         model.gradient_checkpointing = T.gradient_checkpointing
     elif cfg.model.init_from:
         model = KLAutoencoder.from_pretrained(cfg.model.init_from).train()
@@ -574,11 +665,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # -- resume: weights before DDP wraps them, optimizer states after ----------------------------------
     step, ckpt = 0, None
     if resume and checkpoints:
-        ckpt = checkpoints[-1]
-        meta = read_json(ckpt / "trainer.json")
-        if meta.get("kind") != cfg.kind:
-            raise ValueError(f"{ckpt} is a kind: {meta.get('kind')} checkpoint, the config says kind: {cfg.kind}")
-        step = int(meta["step"])
+        ckpt = newest_valid_checkpoint(checkpoints, cfg.kind, disc is not None, is_main)
+        step = int(read_json(ckpt / "trainer.json")["step"])
         load_weights(model, ckpt / "model.safetensors")
         load_weights(ema, ckpt / "ema.safetensors")
         if disc is not None and (ckpt / "discriminator.safetensors").is_file():
@@ -714,8 +802,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    loader = loader_at(step)
-    batches = iter(loader)
+    loader = loader_at(step)            # its DataLoader has its own generator (data.Loader): rebuilding it at
+    batches = iter(loader)              # a checkpoint or a resume leaves the training RNG streams alone
     sums: dict[str, float] = {}
     n_logged, timer = 0, StepTimer(device)                                      # step time, without saves
     try:

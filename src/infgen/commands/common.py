@@ -7,26 +7,25 @@ written to a temp file in its own folder and renamed, so an error never leaves h
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import pickle
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..checkpoint import CONFIG_NAME, CheckpointError, atomic_write_bytes, load_safetensors
+from ..checkpoint import CONFIG_NAME, CheckpointError, load_safetensors
 from ..config import DEFAULT_MAX_PIXELS
+from ..images import image_format, one_line
 from ..model import InfGen
 from ..pipeline import InfGenPipeline
+from ..precision import fast_dtype
+from ..utils import DTYPES
 
 LATENT_SUFFIXES = (".safetensors", ".npy", ".pt", ".pth")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-# Decompression-bomb guard for inputs (PIL's own default warns at 89 MP and fails at 179 MP).
-MAX_INPUT_PIXELS = 100_000_000
 
 
 # -- arguments ---------------------------------------------------------------------------------------------
@@ -47,9 +46,10 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                        help="InfGen's compute dtype (default fp32). bf16: ~2x faster on CPUs with AVX512-BF16 "
-                             "or AMX and on GPUs, outputs within ~1 level of 8-bit; fp16: GPUs only")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                        help="InfGen's compute dtype. auto (default): bf16 on CPUs with AVX512-BF16 or AMX and "
+                             "on GPUs that support it (~2x faster, outputs within ~1 level of 8-bit), fp32 "
+                             "elsewhere; fp16: GPUs only")
 
 
 def decode_kwargs(args: argparse.Namespace) -> dict:
@@ -98,21 +98,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def resolve_dtype(name: str, device: str | torch.device) -> str:
+    """--dtype value -> fp32 | bf16 | fp16; auto: the fastest type the device computes natively."""
+    if name == "auto":
+        return {torch.bfloat16: "bf16", torch.float32: "fp32"}[fast_dtype(device)]
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
+    if name == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("--dtype fp16 is for GPUs (slow and unsupported for some CPU kernels); on CPU use bf16")
+    return name
 
 
 def load_pipeline(checkpoint: str | Path | None, device: str | torch.device = "cpu",
-                  dtype: str = "fp32") -> tuple[InfGenPipeline, str]:
+                  dtype: str = "auto") -> tuple[InfGenPipeline, str]:
     """A bundle dir, a bare InfGen checkpoint dir (no codec), or None for the bundled default.
 
-    dtype: fp32 | bf16 | fp16, the InfGen decoder's dtype. Returns the pipeline and a short description."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    if dtype == "fp16" and torch.device(device).type == "cpu":
-        raise ValueError("--dtype fp16 is for GPUs (slow and unsupported for some CPU kernels); on CPU use bf16")
+    dtype: auto | fp32 | bf16 | fp16, the InfGen decoder's dtype. Returns the pipeline and a short
+    description that names the dtype (and says when it was picked automatically)."""
+    chosen = resolve_dtype(dtype, device)
     pipe, what = _load_pipeline(checkpoint, device)
-    pipe.model.to(DTYPES[dtype])
-    return pipe, what if dtype == "fp32" else f"{what}, {dtype}"
+    pipe.model.to(DTYPES[chosen])
+    return pipe, f"{what}, {chosen}" + (" (auto)" if dtype == "auto" else "")
 
 
 def _load_pipeline(checkpoint: str | Path | None, device: str | torch.device) -> tuple[InfGenPipeline, str]:
@@ -176,12 +182,6 @@ def _check_file(path: Path) -> None:
         raise ValueError(f"{path}: the file is empty (0 bytes)")
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """A third-party message squeezed onto one line (torch's weights_only errors span a screen)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def read_latents(path: Path) -> torch.Tensor:
     """A latent file -> float tensor (B, C, h, w). Never unpickles: .pt goes through weights_only=True."""
     path = Path(path)
@@ -233,43 +233,6 @@ def _pick_tensor(obj, path: Path) -> torch.Tensor:
                      "tensor or one named 'latents'")
 
 
-@contextlib.contextmanager
-def _own_bomb_check():
-    """PIL's bomb check runs inside Image.open with its own limit; ours replaces it for one call."""
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
-def read_image(path: Path, max_input_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """An image file -> a fully decoded RGB image, EXIF rotation applied, transparency over white."""
-    path = Path(path)
-    _check_file(path)
-    with _own_bomb_check():
-        try:
-            im = Image.open(path)
-        except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error...: not an image
-            raise ValueError(f"{path} is not a readable image ({one_line(e)})") from None
-        with im:
-            w, h = im.size
-            if w * h > max_input_pixels:   # checked from the header, before decoding any pixels
-                raise ValueError(f"{path} is {w}x{h} = {w * h / 1e6:.0f} MP, above the input limit of "
-                                 f"{max_input_pixels / 1e6:.0f} MP (decompression-bomb guard); "
-                                 "pass --max-input-pixels to raise it")
-            try:
-                im.load()                  # truncated / corrupt data fails here, not later
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-                return im.convert("RGB")
-            except Exception as e:
-                raise ValueError(f"{path}: cannot decode the image data ({one_line(e)})") from None
-
-
 # -- outputs -----------------------------------------------------------------------------------------------
 def plan_outputs(out: str | Path, items: list[tuple[Path, int]], folder_mode: bool) -> list[list[Path]]:
     """Where each output goes. items: (input file, number of images it yields).
@@ -291,34 +254,41 @@ def plan_outputs(out: str | Path, items: list[tuple[Path, int]], folder_mode: bo
         image_format(out)
         (p, n), = items
         plan = [[out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]]
-    flat = [q.resolve() for paths in plan for q in paths]
+    flat = [resolved(q) for paths in plan for q in paths]
     if len(set(flat)) != len(flat):
         dup = sorted({str(q) for q in flat if flat.count(q) > 1})
         raise ValueError(f"two inputs would write the same output file {dup[0]} (same file name in "
                          "different folders?); decode them separately")
-    inputs = {p.resolve() for p, _ in items}
+    inputs = {resolved(p) for p, _ in items}
     for q in flat:
         if q in inputs:
             raise ValueError(f"output {q} would overwrite an input; choose another -o")
+    for folder in sorted({q.parent for q in flat}):
+        check_writable(folder)
     return plan
 
 
-def image_format(path: Path) -> str:
-    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise ValueError(f"-o {path}: unknown image file type {Path(path).suffix or '(no suffix)'!r}; "
-                         "use .png, .jpg, .webp, .tif or .bmp")
-    return fmt
+def resolved(path: Path) -> Path:
+    """path.resolve(), with a symlink loop as a one-line ValueError instead of RuntimeError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path}: cannot resolve the path ({one_line(e)})") from None
 
 
-def save_image(image: Image.Image, path: Path) -> None:
-    """Encode in memory, then write atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    fmt = image_format(path)
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
+def check_writable(folder: Path) -> None:
+    """Before any decoding: the output folder (or the nearest existing folder above it, where it would be
+    created) must take a new file. Probes with a real temp file, so read-only filesystems are caught too."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write outputs to {folder}: {existing} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".infgen-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write outputs to {folder}: {e.strerror or one_line(e)} in {existing}") from None
 
 
 def megapixels_per_s(height: int, width: int, seconds: float) -> float:

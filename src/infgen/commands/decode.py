@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..model import check_size
-from ..pipeline import tensor_to_pil
+from ..model import check_latents, check_size
+from ..images import save_image, tensor_to_pil
 from . import common
 
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     pipe, what = common.load_pipeline(args.checkpoint, common.pick_device(args.device), args.dtype)
     for f, z in zip(files, latents):
         try:
-            pipe.model._check_latents(z)                        # channels, NaN/Inf: the model's own rules
+            check_latents(z, pipe.model.config.latent_channels)  # channels, NaN/Inf: the model's own rules
         except (ValueError, TypeError) as e:
             raise type(e)(f"{f}: {e}") from None
     if not args.quiet:
@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     for f, z, outs in zip(files, latents, plan):
         t0 = time.perf_counter()
-        images = pipe.decode(z, height, width, **kwargs)         # (B, 3, H, W) in [-1, 1]
+        decoded = pipe.decode(z, height, width, **kwargs)        # (B, 3, H, W) in [-1, 1]
         seconds = time.perf_counter() - t0
-        for image, out in zip(images, outs):
-            common.save_image(tensor_to_pil(image), out)
+        for image, out in zip(decoded, outs):
+            save_image(tensor_to_pil(image), out)
             if not args.quiet:
                 print(f"{out}  {width}x{height}  {seconds:.2f} s  "
                       f"{common.megapixels_per_s(height, width, seconds / len(outs)):.2f} MP/s")

@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from .. import images
 from .. import pipeline as pipeline_module
 from ..checkpoint import atomic_write_bytes
 from ..config import InfGenConfig
 from ..model import InfGen
-from ..pipeline import BundleInfo, InfGenPipeline, tensor_to_pil
+from ..images import tensor_to_pil
+from ..pipeline import BundleInfo, InfGenPipeline
+from ..utils import DTYPES
 from . import common
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -49,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sizes = common.parse_sizes(args.sizes) if args.sizes else DEFAULT_SIZES
     device = common.pick_device(args.device)
-    pipe, weights, trained = _load(args.checkpoint, device, args.dtype)
+    dtype = common.resolve_dtype(args.dtype, device)                   # auto: printed in the table's notes
+    pipe, weights, trained = _load(args.checkpoint, device, dtype)
     samples_dir = args.samples if args.samples is not None else SAMPLES
     samples = sorted(p for p in samples_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")) \
         if samples_dir.is_dir() else []
@@ -73,19 +77,19 @@ def run(args: argparse.Namespace) -> int:
     if samples:
         side = 8 * pipe.info.train_latent
         for k, sample in enumerate(samples):
-            photo = common.read_image(sample)
+            photo = images.open_rgb(sample)
             for height, width in sizes:
                 if k > 0 and height * width > HEAVY_PIXELS:
                     continue
-                small = _input_for(photo, height, width, side)
+                small = demo_input(photo, height, width, side)
                 name = f"{sample.stem}_{width}x{height}"
                 t0 = time.perf_counter()
                 out = pipe.upscale(small, height, width, progress=True)
                 rows.append(_row(f"{sample.name} {small.width}x{small.height}", height, width,
                                  time.perf_counter() - t0, f"{name}_infgen.png"))
-                common.save_image(small, args.output / f"{name}_input.png")
-                common.save_image(small.resize((width, height), Image.BICUBIC), args.output / f"{name}_bicubic.png")
-                common.save_image(out, args.output / f"{name}_infgen.png")
+                images.save_image(small, args.output / f"{name}_input.png")
+                images.save_image(small.resize((width, height), Image.BICUBIC), args.output / f"{name}_bicubic.png")
+                images.save_image(out, args.output / f"{name}_infgen.png")
                 print(_table_line(rows[-1]))
     else:
         side = pipe.info.train_latent
@@ -96,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
             name = f"random_{width}x{height}.png"
             rows.append(_row(f"random latent {'x'.join(map(str, z.shape[1:]))}", height, width,
                              time.perf_counter() - t0, name))
-            common.save_image(tensor_to_pil(out[0]), args.output / name)
+            images.save_image(tensor_to_pil(out[0]), args.output / name)
             print(_table_line(rows[-1]))
 
     report = {"weights": weights, "trained": trained, "notes": notes, "device": str(device),
-              "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "dtype": dtype + (" (auto)" if args.dtype == "auto" else ""), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "rows": rows}
     table = _markdown(report)
     atomic_write_bytes(args.output / "timings.json", json.dumps(report, indent=2).encode())
@@ -117,7 +121,7 @@ def _load(checkpoint, device, dtype: str = "fp32") -> tuple[InfGenPipeline, str,
         pipe, what = common.load_pipeline(checkpoint, device, dtype)
         return pipe, what, True
     torch.manual_seed(0)
-    model = InfGen(InfGenConfig.preset("small")).to(device, common.DTYPES[dtype]).eval()
+    model = InfGen(InfGenConfig.preset("small")).to(device, DTYPES[dtype]).eval()
     # One window covers the 64x64 latent (a 512 x 512 SD-VAE image): a plain one-pass decode is timed.
     pipe = InfGenPipeline(model, None, BundleInfo(train_latent=64))
     return pipe, "random-initialised `small` preset (UNTRAINED)", False
@@ -131,7 +135,7 @@ def _random_latent(pipe: InfGenPipeline, h: int, w: int) -> torch.Tensor:
     return z / src.scaling_factor + src.shift_factor
 
 
-def _input_for(photo: Image.Image, height: int, width: int, side: int) -> Image.Image:
+def demo_input(photo: Image.Image, height: int, width: int, side: int) -> Image.Image:
     """Centre crop to the target aspect, then shrink to about side x side pixels (multiples of 8)."""
     aspect = width / height
     w_in = max(8, round(side * math.sqrt(aspect) / 8) * 8)

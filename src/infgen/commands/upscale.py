@@ -12,6 +12,7 @@ import argparse
 import math
 import time
 
+from .. import images
 from ..model import check_size
 from . import common
 
@@ -26,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output image (.png, .jpg, ...); a folder for several inputs, a folder input, or a name "
                              "without a suffix")
-    parser.add_argument("--max-input-pixels", type=int, default=common.MAX_INPUT_PIXELS, metavar="N",
+    parser.add_argument("--max-input-pixels", type=int, default=images.MAX_INPUT_PIXELS, metavar="N",
                         help=f"refuse inputs above N pixels (decompression-bomb guard, default "
-                             f"{common.MAX_INPUT_PIXELS})")
+                             f"{images.MAX_INPUT_PIXELS})")
     common.add_decode_arguments(parser)
 
 
@@ -48,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--height and --width go together (or use --size WxH / --scale S)")
     common.positive_int("--max-input-pixels", args.max_input_pixels)
     kwargs = common.decode_kwargs(args)
-    files, from_folder = common.expand_inputs(args.images, common.IMAGE_SUFFIXES, "images")
+    files, from_folder = common.expand_inputs(args.images, images.IMAGE_SUFFIXES, "images")
     sizes = []
     for f in files:                                   # decode every input once up front: fail before writing
-        with common.read_image(f, args.max_input_pixels) as im:
+        with images.open_rgb(f, args.max_input_pixels) as im:
             w, h = im.size
         H, W = target_size(args, h, w)
         try:
@@ -68,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"infgen upscale: {len(files)} image(s) with {what}")
 
     for f, (H, W), (out,) in zip(files, sizes, plan):
-        image = common.read_image(f, args.max_input_pixels)
+        image = images.open_rgb(f, args.max_input_pixels)
         t0 = time.perf_counter()
         result = pipe.upscale(image, H, W, **kwargs)   # encode at its own size, decode at (H, W)
         seconds = time.perf_counter() - t0
-        common.save_image(result, out)
+        images.save_image(result, out)
         if not args.quiet:
             print(f"{out}  {image.width}x{image.height} -> {W}x{H}  {seconds:.2f} s  "
                   f"{common.megapixels_per_s(H, W, seconds):.2f} MP/s")
