@@ -398,3 +398,17 @@ def test_stop_at_any_step_and_checkpoint_spacing_do_not_change_the_run(tmp_path,
         assert runs[name][1] == runs["plain"][1], name
         for k, v in runs["plain"][0].items():
             torch.testing.assert_close(runs[name][0][k], v, rtol=0, atol=0, msg=f"{name}: {k}")
+
+
+def test_regions_smaller_than_the_discriminator_train_without_the_gan_terms(tmp_path, images, codec_dir):
+    """16 px regions (16:9 targets of 16 x 24 px) are below the 3-layer PatchGAN's 24 px minimum: those steps
+    skip the GAN terms instead of crashing (CI hit this once in a long run)."""
+    from infgen.losses import NLayerDiscriminator
+    assert NLayerDiscriminator(3, 8, 3).min_side == 24
+    NLayerDiscriminator(3, 8, 3)(torch.randn(2, 3, 24, 24))                # the minimum itself works
+    cfg = infgen_config(images, codec_dir, max_steps=3)
+    cfg["data"].update(out_min=16, out_max=24, aspect_ratios=[1.7778])
+    assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--output", str(tmp_path / "r")]) == 0
+    logged = [m for m in metrics(tmp_path / "r") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3] and all(min(m["target_hw"]) < 24 for m in logged)
+    assert all("g_loss" not in m for m in logged)

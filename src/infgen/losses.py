@@ -44,6 +44,8 @@ class NLayerDiscriminator(nn.Module):
             c_prev = c
         layers.append(nn.Conv2d(c_prev, 1, 4, 1, 1))                          # (B, 1, h', w') logits
         self.main = nn.Sequential(*layers)
+        # n_layers stride-2 convs halve the side, the two stride-1 k4 convs take 1 each: >= 1 logit needs this
+        self.min_side = 3 * 2 ** n_layers
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> Tensor:

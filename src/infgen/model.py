@@ -7,7 +7,6 @@
                                                    conv decoder (x8, local) ◄──┘ ─► crop to (H, W)
     optional base (config.base_channels): + bicubic resize to (H, W) of a conv decoder of z at 1x
 
-
 `decode` is the one entry point that the CLI, evaluation, benchmarks, demo and diffusers adapter call.
 """
 from __future__ import annotations
@@ -83,8 +82,9 @@ class InfGen(nn.Module):
         src, dst = decoder.state_dict(), self.base.state_dict()
         bad = [k for k in dst if k not in src or src[k].shape != dst[k].shape]
         if bad or set(src) != set(dst):
+            first = (bad or sorted(set(src) ^ set(dst)))[0]
             raise ValueError(f"the codec's decoder does not match base_channels={self.config.base_channels}, "
-                             f"base_blocks={self.config.base_blocks} (first mismatch: {(bad or sorted(set(src) ^ set(dst)))[0]}); "
+                             f"base_blocks={self.config.base_blocks} (first mismatch: {first}); "
                              "set them to the codec's decoder_channels and blocks")
         self.base.load_state_dict(src)
         nn.init.zeros_(self.decoder.conv_out.weight)
@@ -106,7 +106,9 @@ class InfGen(nn.Module):
         """Latent tokens -> self-attention -> per-block K/V. z: (B, C, h, w) raw latents."""
         c = self.config
         B, C, h, w = z.shape
-        base = None if self.base is None else self.base(z.to(self.dtype))      # (B, 3, 8h, 8w) raw latents in
+        # The base decodes raw latents like the codec's decoder, whole and at 1x: its memory grows with the
+        # latent (windows keep that small in the pipeline), not with the output size.
+        base = None if self.base is None else self.base(z.to(self.dtype))      # (B, 3, 8h, 8w)
         z = (z.to(self.dtype) - c.shift_factor) * c.scaling_factor              # VAE's unit-variance space
         coords = grid_coords(torch.arange(h, device=z.device), torch.arange(w, device=z.device), 1.0, h, w)
         x = self.latent_in(z.flatten(2).transpose(1, 2)) + self.inpe(coords)  # (B, h*w, D)

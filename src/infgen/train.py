@@ -835,6 +835,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 kl = KLAutoencoder.kl_loss(mean.float(), logvar.float())
                 extra, own = {"kl": kl.detach()}, L.kl_weight * kl           # own: terms without loss networks
             timer.lap("model")
+            # a region smaller than the PatchGAN's smallest input (small targets at extreme aspect ratios)
+            # has no patch to judge: that step trains without the GAN terms
+            gan_on = gan_on and min(pred.shape[-2:]) >= raw_disc.min_side
 
             # loss networks (perceptual, critic) on a detached copy: their forward and backward stop at the
             # prediction, so their cost is measured apart from the model's; the model then back-propagates
