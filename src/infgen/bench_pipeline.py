@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .commands.common import parse_sizes, pick_device
+from .commands.common import load_pipeline, parse_sizes, pick_device
 from .commands.demo import SAMPLES, demo_input
 from .images import open_rgb, pil_to_tensor
 from .pipeline import InfGenPipeline
@@ -98,12 +98,11 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or 1
     auto = fast_dtype(device)
     dtypes = ["fp32"] + (["bf16"] if auto == torch.bfloat16 else [])
-    pipe = InfGenPipeline.from_pretrained(args.checkpoint, device=device)
     sample = Path(args.sample) if args.sample else SAMPLE
     photo = open_rgb(sample)
     rows = []
     for dtype in dtypes:
-        pipe.model.to(DTYPES[dtype])
+        pipe, _ = load_pipeline(args.checkpoint, device, dtype)                # as the CLI loads it
         for height, width in sizes:
             image = demo_input(photo, height, width, 8 * pipe.info.train_latent)
             time_upscale(pipe, image, 64, 64, 1)                             # warm-up
