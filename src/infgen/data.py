@@ -39,6 +39,7 @@ from PIL import Image
 from .images import IMAGE_SUFFIXES, to_rgb
 from .photo_cache import CachedPhoto, build_cache
 
+
 def list_images(path: str | Path) -> list[Path]:
     """Image files (images.IMAGE_SUFFIXES, any case) below `path`, recursively, sorted."""
     path = Path(path)

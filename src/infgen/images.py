@@ -46,6 +46,14 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def check_file(path: Path) -> None:
+    """An input file that exists and is not empty, else a one-line ValueError naming it."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes)")
+
+
 @contextlib.contextmanager
 def _own_bomb_check():
     """PIL's bomb check runs inside Image.open with its own limit; ours (from the header) replaces it."""
@@ -63,10 +71,7 @@ def open_rgb(path: str | Path, max_pixels: int | None = MAX_INPUT_PIXELS) -> Ima
     the file: missing, empty, not an image, above max_pixels (checked from the header, before decoding), or
     truncated/corrupt data."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes)")
+    check_file(path)
     with _own_bomb_check():
         try:
             im = Image.open(path)

@@ -45,12 +45,11 @@ from torch import Tensor, nn
 from .autoencoder import AutoencoderConfig, KLAutoencoder
 from .checkpoint import (CheckpointError, atomic_save_safetensors, atomic_write_bytes, check_state_dict,
                          load_safetensors, read_json)
-from .images import one_line
 from .config import InfGenConfig
+from .images import one_line, tensor_to_pil
 from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from .model import InfGen
 from .perceptual import BACKENDS, PerceptualLoss
-from .images import tensor_to_pil
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration: dataclasses, loaded from YAML; unknown keys are errors that name the key.
@@ -392,28 +391,32 @@ def load_torch_tensors(path: Path, device) -> dict:
         raise CheckpointError(f"{path} is not a readable optimizer state ({one_line(e, 160)})") from None
 
 
-def check_checkpoint(ckpt: Path, kind: str, with_disc: bool) -> None:
-    """Read every file a resume needs (without using it); a one-line CheckpointError names the first bad one."""
+def read_checkpoint(ckpt: Path, kind: str, with_disc: bool, device) -> dict:
+    """Every file a resume needs, read once: {"step", "model", "ema", "optimizer"} and, with a discriminator
+    whose files are there, "discriminator" / "disc_optimizer". A one-line CheckpointError names the first
+    bad file."""
     meta = read_json(ckpt / "trainer.json")
     if meta.get("kind") != kind:
         raise CheckpointError(f"{ckpt} is a kind: {meta.get('kind')} checkpoint, the config says kind: {kind}")
     if not isinstance(meta.get("step"), int):
         raise CheckpointError(f"{ckpt / 'trainer.json'} has no integer step")
-    names = ["model", "ema"] + (["discriminator"] if with_disc and (ckpt / "discriminator.safetensors").exists() else [])
-    for name in names:
-        load_safetensors(ckpt / f"{name}.safetensors")
-    load_torch_tensors(ckpt / "optimizer.pt", "cpu")
+    state = {"step": meta["step"], "model": load_safetensors(ckpt / "model.safetensors"),
+             "ema": load_safetensors(ckpt / "ema.safetensors"),
+             "optimizer": load_torch_tensors(ckpt / "optimizer.pt", device)}
+    if with_disc and (ckpt / "discriminator.safetensors").exists():
+        state["discriminator"] = load_safetensors(ckpt / "discriminator.safetensors")
     if with_disc and (ckpt / "disc_optimizer.pt").exists():
-        load_torch_tensors(ckpt / "disc_optimizer.pt", "cpu")
+        state["disc_optimizer"] = load_torch_tensors(ckpt / "disc_optimizer.pt", device)
+    return state
 
 
-def newest_valid_checkpoint(checkpoints: list[Path], kind: str, with_disc: bool, say: bool) -> Path:
-    """The newest checkpoint that check_checkpoint accepts, saying which newer ones it skipped and why."""
+def newest_readable_checkpoint(checkpoints: list[Path], kind: str, with_disc: bool, device,
+                               say: bool) -> tuple[Path, dict]:
+    """The newest checkpoint read_checkpoint accepts, and its contents; says which newer ones it skipped."""
     reasons = []
     for ckpt in reversed(checkpoints):
         try:
-            check_checkpoint(ckpt, kind, with_disc)
-            return ckpt
+            return ckpt, read_checkpoint(ckpt, kind, with_disc, device)
         except CheckpointError as e:
             reasons.append(str(e))
             if say:
@@ -422,9 +425,8 @@ def newest_valid_checkpoint(checkpoints: list[Path], kind: str, with_disc: bool,
                           f"(newest: {reasons[0]})")
 
 
-def load_weights(module: nn.Module, path: Path) -> None:
-    state = load_safetensors(path)
-    check_state_dict(module.state_dict(), state, str(path))
+def load_weights(module: nn.Module, state: dict, source: str) -> None:
+    check_state_dict(module.state_dict(), state, source)
     module.load_state_dict(state, strict=True)
 
 
@@ -663,14 +665,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
              if disc is not None else None)
 
     # -- resume: weights before DDP wraps them, optimizer states after ----------------------------------
-    step, ckpt = 0, None
+    step, ckpt, saved = 0, None, {}
     if resume and checkpoints:
-        ckpt = newest_valid_checkpoint(checkpoints, cfg.kind, disc is not None, is_main)
-        step = int(read_json(ckpt / "trainer.json")["step"])
-        load_weights(model, ckpt / "model.safetensors")
-        load_weights(ema, ckpt / "ema.safetensors")
-        if disc is not None and (ckpt / "discriminator.safetensors").is_file():
-            load_weights(disc, ckpt / "discriminator.safetensors")
+        ckpt, saved = newest_readable_checkpoint(checkpoints, cfg.kind, disc is not None, device, is_main)
+        step = saved["step"]
+        load_weights(model, saved["model"], str(ckpt / "model.safetensors"))
+        load_weights(ema, saved["ema"], str(ckpt / "ema.safetensors"))
+        if "discriminator" in saved:
+            load_weights(disc, saved["discriminator"], str(ckpt / "discriminator.safetensors"))
     elif resume and is_main:
         print(f"infgen train: no checkpoint in {ckpt_root}; starting from scratch", file=sys.stderr)
     ema.to(device)
@@ -681,9 +683,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     raw_disc = accelerator.unwrap_model(disc) if disc is not None else None
     last_layer = raw_model.decoder.conv_out.weight                             # for the adaptive GAN weight
     if ckpt is not None:
-        opt.load_state_dict(load_torch_tensors(ckpt / "optimizer.pt", device))
-        if d_opt is not None and (ckpt / "disc_optimizer.pt").is_file():
-            d_opt.load_state_dict(load_torch_tensors(ckpt / "disc_optimizer.pt", device))
+        opt.load_state_dict(saved["optimizer"])
+        if "disc_optimizer" in saved:
+            d_opt.load_state_dict(saved["disc_optimizer"])
+    del saved                                                                  # the states now live in the modules
 
     # -- data: batch k of the stream is a function of (seed, rank, k): make_loader(start=k) resumes it exactly
     # for folders and split lists; shards only reseed at `start`, so the loader is rebuilt at every checkpoint

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, load_safetensors
 from ..config import DEFAULT_MAX_PIXELS
-from ..images import image_format, one_line
+from ..images import check_file, image_format, one_line
 from ..model import InfGen
 from ..pipeline import InfGenPipeline
 from ..precision import fast_dtype
@@ -179,17 +179,10 @@ def expand_inputs(paths: list[str | Path], suffixes: tuple[str, ...], what: str)
     return files, from_folder
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty (0 bytes)")
-
-
 def read_latents(path: Path) -> torch.Tensor:
     """A latent file -> float tensor (B, C, h, w). Never unpickles: .pt goes through weights_only=True."""
     path = Path(path)
-    _check_file(path)
+    check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         z = _pick_tensor(load_safetensors(path), path)  # refuses pickles renamed to .safetensors
