@@ -403,3 +403,16 @@ def test_unusable_output_paths_fail_before_decoding(capsys, tmp_path, tiny_bundl
     monkeypatch.setattr(InfGenPipeline, "decode", lambda *a, **k: pytest.fail("decoded before checking the output"))
     rc, _, err = cli(capsys, "upscale", photo, "--scale", "2", "-o", target, "--checkpoint", tiny_bundle)
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_demo_input_is_the_native_crop_unless_larger_than_side():
+    from infgen.commands.demo import demo_input
+    rng = np.random.default_rng(1)
+    sample = Image.fromarray(rng.integers(0, 255, (384, 512, 3), dtype=np.uint8))   # a bundled sample's size
+    native = demo_input(sample, 1080, 1920, 512)
+    assert native.size == (512, 288)                                                # never enlarged
+    assert np.array_equal(np.asarray(native), np.asarray(sample)[48:336])           # the centred crop itself
+    assert demo_input(sample, 512, 2048, 512).size == (512, 128)
+    assert demo_input(sample, 1080, 1920, 256).size == (344, 192)                   # shrunk by area
+    big = Image.fromarray(rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8))
+    assert demo_input(big, 1080, 1920, 512).size == (680, 384)

@@ -1,8 +1,9 @@
 """`infgen demo` (the `make demo` job): upscale the bundled sample photos to several sizes, with timings.
 
-For each sample and each target size the photo is centre-cropped to the target's aspect ratio, shrunk to
-the bundle's training input size (8 * train_latent px on a side, by area), encoded, and decoded by InfGen at
-the target size: the diffusion-latent-to-any-size use of the paper. Writes, into --output:
+For each sample and each target size the photo is centre-cropped to the target's aspect ratio at its own
+resolution (shrunk by area to at most 512^2 px: an SD-1.5 image, whose 64^2 latent is what a diffusion model
+hands its decoder), encoded, and decoded by InfGen at the target size: the diffusion-latent-to-any-size use
+of the paper. The bundled samples are 512 px wide, so they go in as they are (512x288 for 16:9). Writes, into --output:
     <sample>_<W>x<H>_input.png     the low-resolution input
     <sample>_<W>x<H>_bicubic.png   a bicubic resize of it (the baseline)
     <sample>_<W>x<H>_infgen.png    the InfGen output
@@ -35,6 +36,7 @@ from . import common
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 # (height, width): full HD, 4K UHD, and a 4:1 panorama. The small preset decodes 4K in ~40-80 s on 2 CPU cores.
 DEFAULT_SIZES = [(1080, 1920), (2160, 3840), (512, 2048)]
+INPUT_SIDE = 512         # inputs are at most INPUT_SIDE^2 px (by area); smaller photos are never enlarged
 HEAVY_PIXELS = 4_000_000  # sizes above this run for the first sample only, so `make demo` takes minutes
 
 
@@ -75,13 +77,12 @@ def run(args: argparse.Namespace) -> int:
     pipe.decode(_random_latent(pipe, 8, 8), 64, 64)   # warm-up, so the first row is not charged for it
     rows = []
     if samples:
-        side = 8 * pipe.info.train_latent
         for k, sample in enumerate(samples):
             photo = images.open_rgb(sample)
             for height, width in sizes:
                 if k > 0 and height * width > HEAVY_PIXELS:
                     continue
-                small = demo_input(photo, height, width, side)
+                small = demo_input(photo, height, width, INPUT_SIDE)
                 name = f"{sample.stem}_{width}x{height}"
                 t0 = time.perf_counter()
                 out = pipe.upscale(small, height, width, progress=True)
@@ -136,11 +137,16 @@ def _random_latent(pipe: InfGenPipeline, h: int, w: int) -> torch.Tensor:
 
 
 def demo_input(photo: Image.Image, height: int, width: int, side: int) -> Image.Image:
-    """Centre crop to the target aspect, then shrink to about side x side pixels (multiples of 8)."""
+    """The largest centred crop at the target's aspect, shrunk by area to about side x side px if it is
+    larger (never enlarged); sides are multiples of 8."""
     aspect = width / height
-    w_in = max(8, round(side * math.sqrt(aspect) / 8) * 8)
-    h_in = max(8, round(side / math.sqrt(aspect) / 8) * 8)
-    return ImageOps.fit(photo, (w_in, h_in), Image.LANCZOS)
+    w_crop = min(photo.width, photo.height * aspect)
+    h_crop = w_crop / aspect
+    if w_crop * h_crop > side * side:
+        w_in, h_in = round(side * math.sqrt(aspect) / 8) * 8, round(side / math.sqrt(aspect) / 8) * 8
+    else:   # native resolution: floor to 8 so the crop never needs enlarging
+        w_in, h_in = int(w_crop) // 8 * 8, int(h_crop) // 8 * 8
+    return ImageOps.fit(photo, (max(8, w_in), max(8, h_in)), Image.LANCZOS)
 
 
 def _row(source: str, height: int, width: int, seconds: float, file: str) -> dict:
