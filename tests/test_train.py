@@ -214,6 +214,9 @@ def test_set_overrides_and_yaml_floats(tmp_path):
     cfg = load_config(path, ["train.mixed_precision=no", "data.cache=null", "codec=off", "train.cpu=true"])
     assert cfg.train.mixed_precision == "no" and cfg.data.cache is None and cfg.codec == "off"
     assert cfg.train.cpu is True
+    # a key that one kind ignores is refused for it, not silently dropped
+    with pytest.raises(ValueError, match="model.warm_start is implemented for kind: infgen only.*init_from"):
+        load_config(path, ["kind=autoencoder", "model.warm_start=checkpoints/autoencoder-16ch"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -171,6 +171,9 @@ class TrainConfig:
             raise ValueError("model.init_from takes the architecture from that checkpoint; remove model.overrides")
         if self.model.base_from_codec and (self.kind != "infgen" or self.model.init_from):
             raise ValueError("model.base_from_codec starts a new kind: infgen model (it cannot follow init_from)")
+        if self.kind == "autoencoder" and self.model.warm_start:
+            raise ValueError("model.warm_start is implemented for kind: infgen only; an autoencoder continues "
+                             "from a checkpoint of its own architecture with model.init_from")
         if self.kind == "autoencoder" and self.train.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing is implemented for kind: infgen only")
 
