@@ -51,6 +51,23 @@ def test_chunked_decode_equals_plain(request, fixture, chunk):
         torch.testing.assert_close(model(z, 229, 293).clamp(-1, 1), plain, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("region,chunk", [((0, 0, 29, 37), None), ((3, 5, 7, 11), 2), ((25, 30, 4, 7), 3),
+                                          ((28, 36, 1, 1), None)])
+def test_region_decode_is_the_crop_of_the_whole(tiny, region, chunk):
+    z = torch.randn(2, 4, 6, 9)
+    whole = tiny.decode(z, 229, 293)                        # 29 x 37 cells; the last row/col partial
+    top, left, rows, cols = region
+    crop = whole[:, :, 8 * top: 8 * (top + rows), 8 * left: 8 * (left + cols)]
+    torch.testing.assert_close(tiny.decode(z, 229, 293, chunk, region=region), crop, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("region", [(0, 0, 0, 1), (-1, 0, 2, 2), (28, 0, 2, 1), (0, 36, 1, 2), (0, 0, 1.5, 1),
+                                    (0, 0, 1), "0,0,1,1", (0, 0, True, 1)])
+def test_bad_region_is_refused(tiny, region):
+    with pytest.raises(ValueError, match=r"region must be \(top, left, rows, cols\) ints inside the 29 x 37"):
+        tiny.decode(torch.randn(1, 4, 6, 9), 229, 293, region=region)
+
+
 @pytest.mark.parametrize("size,latent,rows,cols", [
     ((512, 512), (32, 32), (0, 64), (0, 64)),        # 2x: 2 x 2 queries per latent cell
     ((2160, 3840), (64, 64), (10, 60), (50, 130)),   # 4K tile, fractional ratios (4.2 x 7.5)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from infgen.checkpoint import CheckpointError
 from infgen import InfGenPipeline
-from infgen.pipeline import _ramp, _window_starts, pil_to_tensor, tensor_to_pil
+from infgen.pipeline import _fade, _owned, _window_starts, pil_to_tensor, tensor_to_pil
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +46,48 @@ def test_window_decode_shape_and_continuity(pipe):
     assert torch.isfinite(out).all() and out.abs().max() <= 1
 
 
+def _constant_decode(value, rendered):
+    """Stands in for InfGen.decode: `value` everywhere, of the requested region's size; records its pixels."""
+    def decode(z, h, w, *a, region=None, **k):
+        top, left, rows, cols = region or (0, 0, -(-h // 8), -(-w // 8))
+        size = (min(8 * (top + rows), h) - 8 * top, min(8 * (left + cols), w) - 8 * left)
+        rendered.append(size[0] * size[1])
+        return torch.full((z.shape[0], 3, *size), value)
+    return decode
+
+
 def test_window_blend_normalises_weights(pipe, monkeypatch):
     """Every window decoding to the same constant must give that constant everywhere: windows cover the
     image and the blend weights are normalised (no dark seams, no gaps)."""
-    monkeypatch.setattr(pipe.model, "decode", lambda z, h, w, *a, **k: torch.full((z.shape[0], 3, h, w), 0.3))
+    monkeypatch.setattr(pipe.model, "decode", _constant_decode(0.3, []))
     out = pipe._decode_windows(torch.randn(1, 4, 30, 41), 237, 331, None, False)
     assert out.shape == (1, 3, 237, 331)
     torch.testing.assert_close(out, torch.full_like(out, 0.3))
 
 
-def test_window_blend_weights_cover_every_pixel():
-    for n, core in [(30, 8), (8, 8), (9, 8), (100, 32)]:
+def test_windows_render_only_what_they_own_plus_a_band(pipe, monkeypatch):
+    """The margins are context, not output: the windows together render little more than the image
+    (before: every window rendered its margins too, 2.40x the image here)."""
+    rendered = []
+    monkeypatch.setattr(pipe.model, "decode", _constant_decode(0.0, rendered))
+    pipe._decode_windows(torch.randn(1, 4, 30, 41), 237, 331, None, False)
+    assert len(rendered) == 4 * 6
+    assert sum(rendered) <= 1.7 * 237 * 331, sum(rendered) / (237 * 331)    # 1.63x (8-cell windows)
+
+
+def test_window_fades_sum_to_one():
+    for n, core, px in [(30, 8, 7.9), (8, 8, 8.0), (41, 8, 8.07), (100, 32, 14.6), (100, 32, 3.0)]:
         starts = _window_starts(n, core)
         assert starts[0] == 0 and starts[-1] + core >= n
         assert all(b - a <= core for a, b in zip(starts, starts[1:]))
-    r = _ramp(20, 5, True, True)
-    assert r.min() > 0 and r.max() == 1 and r[0] < r[4] and r[-1] < r[-5]
+        size = round(n * px)
+        owned = _owned(starts, px, size)
+        for band in (0, 1, round(px)):
+            total = torch.zeros(size)
+            for i, own in enumerate(owned):
+                lo, hi = max(own[0] - band, 0), min(own[1] + band, size)
+                total[lo:hi] += _fade(lo, hi, own, band, i > 0, i < len(owned) - 1)
+            torch.testing.assert_close(total, torch.ones(size), rtol=0, atol=1e-6)
 
 
 def test_extrapolation_reaches_exact_size_through_reencoding(pipe, monkeypatch):

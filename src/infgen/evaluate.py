@@ -46,14 +46,16 @@ def centre_crop(im: Image.Image, aspect: float) -> tuple[int, int, int, int]:
     return left, top, left + cw, top + ch
 
 
-def protocol_pair(path: Path, input_size: int, height: int, width: int):
+def protocol_pair(path: Path, input_size: int | tuple[int, int], height: int, width: int):
     """(input, ground truth) of one photo under this protocol, (1, 3, s, s) and (1, 3, H, W) in [-1, 1];
-    None when the photo is too small for the target (the ground truth is never upsampled)."""
+    None when the photo is too small for the target (the ground truth is never upsampled).
+    input_size: s, or (h, w) for an input of the target's aspect rather than a square."""
+    ih, iw = input_size if isinstance(input_size, tuple) else (input_size, input_size)
     im = open_rgb(path, max_pixels=None)
     box = centre_crop(im, width / height)
     if box[2] - box[0] < width or box[3] - box[1] < height:
         return None
-    return (pil_to_tensor(im.resize((input_size, input_size), Image.LANCZOS, box=box)),
+    return (pil_to_tensor(im.resize((iw, ih), Image.LANCZOS, box=box)),
             pil_to_tensor(im.resize((width, height), Image.LANCZOS, box=box)))
 
 

@@ -189,12 +189,15 @@ class InfGen(nn.Module):
     # -- the decode path everything calls -------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, latents: Tensor, height: int, width: int, chunk_size: int | None = None, *,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-               progress: bool = False) -> Tensor:
+               region: tuple[int, int, int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Tensor:
         """Decode raw (unscaled) latents (B, C, h, w) to images (B, 3, height, width) in [-1, 1].
 
         chunk_size: side of a tile in 8x8 output cells; None picks the largest tile whose activations fit
         `memory_budget` bytes. Any tiling gives the same result as a single-tile decode.
+        region: (top, left, rows, cols) in 8x8 cells: only that crop of the (height, width) image,
+        pixels [8 top, 8 (top + rows)) x [8 left, 8 (left + cols)) cut at the image's edge; equal to the
+        same crop of the whole decode, at the cost of the crop (the pipeline's windows use it).
         max_pixels: refuse outputs above this many pixels per image (None lifts the cap).
         """
         check_latents(latents, self.config.latent_channels)
@@ -202,20 +205,35 @@ class InfGen(nn.Module):
         if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        top, left, rows, cols = self._check_region(region, gh, gw)
         tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
         ctx = self.context(latents.to(self.device))
-        out = torch.empty(latents.shape[0], 3, height, width, dtype=self.dtype, device=self.device)
-        tiles = [(r, c) for r in range(0, gh, tile) for c in range(0, gw, tile)]
+        out_h, out_w = min(8 * (top + rows), height) - 8 * top, min(8 * (left + cols), width) - 8 * left
+        out = torch.empty(latents.shape[0], 3, out_h, out_w, dtype=self.dtype, device=self.device)
+        tiles = [(r, c) for r in range(top, top + rows, tile) for c in range(left, left + cols, tile)]
         bar = progress_bar(len(tiles), progress)
         for r, c in tiles:
-            pix = self.render(ctx, height, width, (r, min(r + tile, gh)), (c, min(c + tile, gw)))
-            out[:, :, 8 * r: 8 * r + pix.shape[2], 8 * c: 8 * c + pix.shape[3]] = pix.clamp_(-1, 1)
+            pix = self.render(ctx, height, width, (r, min(r + tile, top + rows)), (c, min(c + tile, left + cols)))
+            y, x = 8 * (r - top), 8 * (c - left)
+            out[:, :, y: y + pix.shape[2], x: x + pix.shape[3]] = pix.clamp_(-1, 1)
             del pix
             if len(tiles) > 1 and out.device.type == "cpu":
                 trim_heap()
             bar.update(1)
         bar.close()
         return out
+
+    @staticmethod
+    def _check_region(region, gh: int, gw: int) -> tuple[int, int, int, int]:
+        if region is None:
+            return 0, 0, gh, gw
+        ok = (isinstance(region, (tuple, list)) and len(region) == 4
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in region))
+        if not ok or region[2] < 1 or region[3] < 1 or region[0] < 0 or region[1] < 0 \
+                or region[0] + region[2] > gh or region[1] + region[3] > gw:
+            raise ValueError(f"region must be (top, left, rows, cols) ints inside the {gh} x {gw} grid of 8x8 "
+                             f"cells with rows, cols >= 1, got {region!r}")
+        return tuple(region)
 
     def bytes_per_cell(self, batch: int) -> int:
         """Rough activation bytes per 8x8 output cell during a render (transformer + decoder)."""

@@ -170,28 +170,38 @@ class InfGenPipeline:
         return self._decode_windows(z, height, width, chunk_size, progress)
 
     def _decode_windows(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
-        """Overlapping latent windows, each decoded as its own image, blended with linear ramps."""
+        """Overlapping latent windows, each decoded as its own image (core + `window_margin` cells of
+        context). A window renders only the output it owns (from its start to the next window's start)
+        plus a band of one latent cell on each side; neighbours cross-fade linearly across that band, so
+        the margins are seen as context but not rendered twice."""
         B, _, h, w = z.shape
         core, m = self.info.train_latent, self.info.window_margin
         sy, sx = height / h, width / w                                    # output px per latent cell
         out = torch.zeros(B, 3, height, width, dtype=torch.float32, device=self.device)
         weight = torch.zeros(1, 1, height, width, dtype=torch.float32, device=self.device)
         ys, xs = _window_starts(h, core), _window_starts(w, core)
+        own_y, own_x = _owned(ys, sy, height), _owned(xs, sx, width)     # px each window is responsible for
+        band_y, band_x = round(sy * min(m, 1)), round(sx * min(m, 1))    # cross-fade half-width, px
         bar = progress_bar(len(ys) * len(xs), progress, desc="windows", unit="window")
-        for y in ys:
-            for x in xs:
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
                 ly0, ly1 = max(y - m, 0), min(y + core + m, h)            # latent window with context
                 lx0, lx1 = max(x - m, 0), min(x + core + m, w)
-                py0, py1 = round(ly0 * sy), round(ly1 * sy)               # its box in output pixels
+                py0, py1 = round(ly0 * sy), round(ly1 * sy)               # its image's box in output pixels
                 px0, px1 = round(lx0 * sx), round(lx1 * sx)
-                if py1 <= py0 or px1 <= px0:
+                rows = _cells(own_y[i], band_y, py0, py1)                 # rendered cells of the window image
+                cols = _cells(own_x[j], band_x, px0, px1)
+                if py1 <= py0 or px1 <= px0 or rows[1] <= rows[0] or cols[1] <= cols[0]:
                     continue
-                tile = self.model.decode(z[:, :, ly0:ly1, lx0:lx1], py1 - py0, px1 - px0, chunk_size, max_pixels=None)
-                ramp = _ramp(py1 - py0, round(m * sy), ly0 > 0, ly1 < h)[:, None] * \
-                    _ramp(px1 - px0, round(m * sx), lx0 > 0, lx1 < w)[None, :]
-                ramp = ramp.to(out.device)
-                out[:, :, py0:py1, px0:px1] += tile.float() * ramp
-                weight[:, :, py0:py1, px0:px1] += ramp
+                tile = self.model.decode(z[:, :, ly0:ly1, lx0:lx1], py1 - py0, px1 - px0, chunk_size,
+                                         region=(rows[0], cols[0], rows[1] - rows[0], cols[1] - cols[0]),
+                                         max_pixels=None)
+                y0, x0 = py0 + 8 * rows[0], px0 + 8 * cols[0]             # the tile's place in the output
+                y1, x1 = y0 + tile.shape[2], x0 + tile.shape[3]
+                ramp = (_fade(y0, y1, own_y[i], band_y, i > 0, i < len(ys) - 1)[:, None] *
+                        _fade(x0, x1, own_x[j], band_x, j > 0, j < len(xs) - 1)[None, :]).to(out.device)
+                out[:, :, y0:y1, x0:x1] += tile.float() * ramp
+                weight[:, :, y0:y1, x0:x1] += ramp
                 bar.update(1)
         bar.close()
         return (out / weight.clamp_min(1e-8)).clamp_(-1, 1).to(self.model.dtype)
@@ -212,13 +222,25 @@ def _window_starts(n: int, core: int) -> list[int]:
     return [round(i * step) for i in range(count)] if count > 1 else [0]
 
 
-def _ramp(n: int, margin: int, fade_start: bool, fade_end: bool) -> Tensor:
-    """1-D blending weights: linear ramps over `margin` px on sides that overlap a neighbour."""
-    r = torch.ones(n)
-    margin = max(min(margin, n // 2), 1)
-    ramp = (torch.arange(margin) + 0.5) / margin
-    if fade_start:
-        r[:margin] = ramp
-    if fade_end:
-        r[n - margin:] = torch.minimum(r[n - margin:], ramp.flip(0))
-    return r
+def _owned(starts: list[int], px_per_cell: float, size: int) -> list[tuple[int, int]]:
+    """[start, end) output px of each window along one axis: from its start to the next one's."""
+    edges = [round(v * px_per_cell) for v in starts[1:]]
+    return list(zip([0] + edges, edges + [size]))
+
+
+def _cells(owned: tuple[int, int], band: int, box0: int, box1: int) -> tuple[int, int]:
+    """[first, last) 8x8 cells of a window image (at box0..box1 px) covering owned +- band px."""
+    n = -(-(box1 - box0) // 8)
+    return max((owned[0] - band - box0) // 8, 0), min(-(-(owned[1] + band - box0) // 8), n)
+
+
+def _fade(p0: int, p1: int, owned: tuple[int, int], band: int, fade_in: bool, fade_out: bool) -> Tensor:
+    """1-D blend weights of pixels p0..p1: 1 inside `owned`, linear across [edge - band, edge + band] at each
+    edge shared with a neighbour (whose weight is 1 minus this one there), 0 beyond."""
+    centre = torch.arange(p0, p1, dtype=torch.float64) + 0.5
+    r = torch.ones(p1 - p0, dtype=torch.float64)
+    if fade_in:
+        r = r * (((centre - owned[0] + band) / (2 * band)).clamp(0, 1) if band else (centre >= owned[0]).double())
+    if fade_out:
+        r = r * (((owned[1] + band - centre) / (2 * band)).clamp(0, 1) if band else (centre < owned[1]).double())
+    return r.float()
