@@ -403,6 +403,49 @@ def test_stop_at_any_step_and_checkpoint_spacing_do_not_change_the_run(tmp_path,
             torch.testing.assert_close(runs[name][0][k], v, rtol=0, atol=0, msg=f"{name}: {k}")
 
 
+STOP_LAUNCHER = """
+import os, signal, sys
+import infgen.train as train_module
+from infgen.cli import main
+real, calls = train_module.update_ema, [0]
+def update(*a, **k):                       # SIGTERM to rank 1 only, after its step STOP: the ranks must agree
+    real(*a, **k)
+    calls[0] += 1
+    if calls[0] == int(os.environ["STOP"]) and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+train_module.update_ema = update
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_after_a_stop_between_checkpoints(tmp_path, images):
+    """2 gloo processes: SIGTERM to one rank between checkpoints (after step 3, checkpoints every 4), then
+    --resume, ends with the uninterrupted run's weights and logged losses bit for bit; so does a run that
+    checkpoints every step (each checkpoint rebuilds the loaders)."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(STOP_LAUNCHER)
+    runs = {}
+    for name, ckpt_every, stop in [("plain", 4, 0), ("stopped", 4, 3), ("every_step", 1, 0)]:
+        config = write_config(tmp_path / f"{name}.yaml", ae_run_config(images, ckpt_every=ckpt_every))
+        out = tmp_path / name
+        for resume in ([False, True] if stop else [False]):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   str(launcher), "train", "--config", str(config), "--output", str(out)] + (["--resume"] if resume else [])
+            env = {**subprocess_env(), "STOP": str(stop if not resume else 0)}
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            if stop and not resume:
+                assert checkpoints(out) == ["step-000000003"] and "stopped by signal at step 3" in proc.stderr
+        assert json.loads((out / "checkpoints" / checkpoints(out)[-1] / "trainer.json").read_text())["world_size"] == 2
+        runs[name] = (final_weights(out), [m["loss"] for m in metrics(out) if "loss" in m])
+    assert len(runs["plain"][1]) == 6
+    for name in ("stopped", "every_step"):
+        assert runs[name][1] == runs["plain"][1], name
+        for k, v in runs["plain"][0].items():
+            torch.testing.assert_close(runs[name][0][k], v, rtol=0, atol=0, msg=f"{name}: {k}")
+
+
 def test_regions_smaller_than_the_discriminator_train_without_the_gan_terms(tmp_path, images, codec_dir):
     """16 px regions (16:9 targets of 16 x 24 px) are below the 3-layer PatchGAN's 24 px minimum: those steps
     skip the GAN terms instead of crashing (CI hit this once in a long run)."""

@@ -470,6 +470,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False                     # by a signal to this process
+        self.stopped = False                       # agreed by all ranks: this run stops early
         self.old_handlers: dict = {}
 
     def __enter__(self) -> StopRequest:
@@ -487,10 +488,12 @@ class StopRequest:
     def agreed(self, world: int, device) -> bool:
         """Stop if any rank was asked to: a signal may reach the ranks at different steps."""
         if world == 1:
-            return self.requested
+            self.stopped = self.requested
+            return self.stopped
         flag = torch.tensor([float(self.requested)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # note: sync point
-        return bool(flag.item())
+        self.stopped = bool(flag.item())
+        return self.stopped
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
@@ -561,7 +564,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     final = out / "final"
     if is_main:
-        if not stop.requested and not (cfg.train.sample_every and step % cfg.train.sample_every == 0):
+        if not stop.stopped and not (cfg.train.sample_every and step % cfg.train.sample_every == 0):
             write_preview(out / "samples" / f"step-{step:09d}.png", cfg, nets, preview[0], device)
         final = export(nets.ema, cfg.kind, out, preview, device)
     if cfg.train.debug_rank_weights:
@@ -570,7 +573,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                  **{f"ema.{k}": v for k, v in nets.ema.state_dict().items()}},
                                 out / "debug" / f"rank{rank}.safetensors")
     accelerator.wait_for_everyone()
-    if is_main and stop.requested:
+    if is_main and stop.stopped:
         print(f"infgen train: stopped by signal at step {step}; resume with --resume", file=sys.stderr)
     accelerator.end_training()
     return final

@@ -98,6 +98,8 @@ def load_torch_tensors(path: Path, device) -> dict:
     if not Path(path).is_file():
         raise CheckpointError(f"{path} is missing")
     try:
+        # torch has no restore rule for 'cpu:0', the device of a multi-process CPU (gloo) run: map to 'cpu'
+        device = "cpu" if torch.device(device).type == "cpu" else device
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with objects: never a traceback
         raise CheckpointError(f"{path} is not a readable optimizer state ({one_line(e, 160)})") from None
