@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from infgen import bench
+from infgen import bench, bench_report
 from infgen.cli import main
 
 
@@ -56,32 +56,32 @@ def test_quick_writes_png_and_doc_section(quick):
     assert res["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nMethod text that the bench must keep.")
-    assert text.count(bench.DOC_BEGIN) == 1 and text.count(bench.DOC_END) == 1
+    assert text.count(bench_report.DOC_BEGIN) == 1 and text.count(bench_report.DOC_END) == 1
     assert "| target | measured | threshold | status |" in text
     assert "| tiny | 128x128 |" in text and "![time and peak memory vs megapixels](bench.png)" in text
 
 
 def test_write_doc_replaces_only_the_marked_section(tmp_path):
     doc = tmp_path / "b.md"
-    doc.write_text(f"before\n{bench.DOC_BEGIN}\nold numbers\n{bench.DOC_END}\nafter\n")
-    bench.write_doc(doc, f"{bench.DOC_BEGIN}\nnew numbers\n{bench.DOC_END}")
-    assert doc.read_text() == f"before\n{bench.DOC_BEGIN}\nnew numbers\n{bench.DOC_END}\nafter\n"
+    doc.write_text(f"before\n{bench_report.DOC_BEGIN}\nold numbers\n{bench_report.DOC_END}\nafter\n")
+    bench_report.write_doc(doc, f"{bench_report.DOC_BEGIN}\nnew numbers\n{bench_report.DOC_END}")
+    assert doc.read_text() == f"before\n{bench_report.DOC_BEGIN}\nnew numbers\n{bench_report.DOC_END}\nafter\n"
     fresh = tmp_path / "new" / "c.md"
-    bench.write_doc(fresh, f"{bench.DOC_BEGIN}\nx\n{bench.DOC_END}")
-    assert fresh.read_text().count(bench.DOC_BEGIN) == 1
+    bench_report.write_doc(fresh, f"{bench_report.DOC_BEGIN}\nx\n{bench_report.DOC_END}")
+    assert fresh.read_text().count(bench_report.DOC_BEGIN) == 1
 
 
 @pytest.mark.parametrize("k", [0.5, 1.0, 1.37, 2.0])
 def test_fit_exponent_recovers_a_known_power_law(k):
     mp = np.array([1.05, 2.07, 4.19, 8.29, 16.8, 33.2])
-    assert bench.fit_exponent(mp, 0.3 * mp ** k) == pytest.approx(k, abs=1e-9)
+    assert bench_report.fit_exponent(mp, 0.3 * mp ** k) == pytest.approx(k, abs=1e-9)
 
 
 def test_fit_exponent_sees_fixed_costs_and_rejects_one_size():
     mp = np.array([1.0, 4.0, 16.0, 33.0])
-    assert bench.fit_exponent(mp, 5.0 + 0.1 * mp) < 0.9       # a fixed cost flattens the curve
+    assert bench_report.fit_exponent(mp, 5.0 + 0.1 * mp) < 0.9  # a fixed cost flattens the curve
     with pytest.raises(ValueError, match="2 distinct sizes"):
-        bench.fit_exponent([2.0, 2.0], [1.0, 1.1])
+        bench_report.fit_exponent([2.0, 2.0], [1.0, 1.1])
 
 
 class _Matmul(bench.Subject):
@@ -128,9 +128,9 @@ def test_targets_met_and_missed():
              _row("small", 4320, 7680, 16.0, peak=(150 << 20) + out8k, transformer_fraction_of_peak=0.6,
                   transformer_flops_per_s=6e10),
              _row("base", 768, 768, 30.0), _row("sd-vae", 768, 768, 20.0, kind="sd-vae")]
-    fit = bench.fits(cases)
+    fit = bench_report.fits(cases)
     assert fit["small"]["exponent"] == pytest.approx(1.0) and fit["small"]["in_target_range"]
-    got = {t["id"]: t["status"] for t in bench.targets(cases, fit, ["small", "base"])}
+    got = {t["id"]: t["status"] for t in bench_report.targets(cases, fit, ["small", "base"])}
     assert got == {"linear:small": "met",             # exponent 1.0 <= 1.1
                    "linear:base": "not measured",
                    "memory:small": "met",             # 150 MiB + 8K output <= 1.5 x 100 MiB + 8K output
@@ -141,9 +141,9 @@ def test_targets_met_and_missed():
                    "transformer-peak:base": "not measured"}
     cases[2]["memory"]["peak_bytes"] = (151 << 20) + out8k
     cases[2]["transformer_fraction_of_peak"] = 0.49
-    got = {t["id"]: t["status"] for t in bench.targets(cases, fit, ["small"])}
+    got = {t["id"]: t["status"] for t in bench_report.targets(cases, fit, ["small"])}
     assert got["memory:small"] == "missed" and got["transformer-peak:small"] == "missed"
-    assert all(t["status"] == "not measured" for t in bench.targets(cases, fit, ["small"], latent=16))
+    assert all(t["status"] == "not measured" for t in bench_report.targets(cases, fit, ["small"], latent=16))
 
 
 def test_sdpa_flops_are_counted_on_cpu():
