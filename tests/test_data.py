@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from infgen.cli import main
+from infgen.crops import Crop, CropRecipe, Skip
 from infgen.data import batch_size_hw, list_images, make_loader, read_split
 
 KW = dict(input_size=32, out_min=32, out_max=64, aspect_ratios=[0.5, 1.0, 2.0], batch_size=3, num_workers=0,
@@ -179,6 +180,62 @@ def test_deterministic_resume_and_workers(photos):
         torch.testing.assert_close(a["input"], b["input"])
     assert any(a["target"].shape != b["target"].shape or not torch.equal(a["target"], b["target"])
                for a, b in zip(full, other_seed))
+
+
+# -- the crop recipe (crops.py): geometry only, no files ---------------------------------------------------
+
+RECIPE = CropRecipe(input_size=64, out_min=64, out_max=256, aspect_ratios=[0.5, 1.0, 2.0])
+
+
+def test_crop_recipe_gives_exact_boxes_for_a_seed():
+    """Pinned: a change here changes every training run's crops (and breaks exact resume of old runs)."""
+    rng = np.random.default_rng(0)
+    assert RECIPE.batch_hw(rng) == (64, 128)
+    first, second = RECIPE.crop(400, 300, 96, 128, rng), RECIPE.crop(400, 300, 96, 128, rng)
+    for crop, box in ((first, (4.394407678217883, 162.17569252898292, 138.5119908840855, 262.76387993338363)),
+                      (second, (22.961873676586286, 20.709223577732963, 385.11070400637084, 292.32084632507144))):
+        assert isinstance(crop, Crop) and crop.target == (128, 96) and crop.input == (64, 64)
+        assert crop.box == pytest.approx(box, abs=1e-9)
+
+
+def test_crop_recipe_draws_a_fixed_number_of_randoms():
+    """Exact resume depends on it: a size is 2 draws, a crop 3, a flip 1; a too-small photo none."""
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    RECIPE.batch_hw(rng), ref.random(2)
+    RECIPE.crop(1000, 800, 200, 100, rng), ref.random(3)
+    assert RECIPE.crop(50, 50, 200, 100, rng) is Skip.SMALL
+    RECIPE.flip(rng), ref.random(1)
+    assert rng.random() == ref.random()
+
+
+def test_crop_recipe_keeps_aspect_ratio_and_bounds():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        h, w = RECIPE.batch_hw(rng)
+        assert h % 8 == 0 and w % 8 == 0 and (64 * 64) / 1.3 <= h * w <= (256 * 256) * 1.3, (h, w)
+        assert any(abs(w - h * a) <= 4 + 4 * a for a in RECIPE.aspect_ratios), (h, w)  # a bucket, +- rounding
+        iw, ih = (int(v) for v in rng.integers(h // 2, 4 * max(h, w), 2))
+        crop = RECIPE.crop(iw, ih, h, w, rng)
+        if crop is Skip.SMALL:  # only when no crop of aspect w/h holds h x w pixels
+            assert ih < h or iw < w
+            continue
+        x0, y0, x1, y1 = crop.box
+        assert 0 <= x0 and 0 <= y0 and x1 <= iw + 1e-9 and y1 <= ih + 1e-9     # inside the photo
+        assert x1 - x0 >= w - 1e-6 and y1 - y0 >= h - 1e-6                       # never upsampled
+        assert (x1 - x0) / (y1 - y0) == pytest.approx(w / h, rel=1e-9)         # the batch's aspect ratio
+
+
+def test_crop_recipe_reports_small_photos_and_bad_settings():
+    rng = np.random.default_rng(0)
+    assert RECIPE.crop(127, 400, 96, 128, rng) is Skip.SMALL            # narrower than the target
+    assert RECIPE.crop(128, 96, 96, 128, rng).box == (0.0, 0.0, 128.0, 96.0)   # exactly the target: 1:1
+    fussy = CropRecipe(input_size=64, out_min=64, out_max=64, aspect_ratios=[1.0], min_side=500)
+    assert fussy.crop(499, 2000, 64, 64, rng) is Skip.SMALL             # below min_side, however large
+    assert isinstance(fussy.crop(500, 2000, 64, 64, rng), Crop)
+    for bad, message in ((dict(out_min=300), "out_min"), (dict(aspect_ratios=[]), "aspect_ratios"),
+                         (dict(aspect_ratios=[1.0, -2.0]), "aspect_ratios"), (dict(input_size=0), "input_size")):
+        with pytest.raises(ValueError, match=message):
+            CropRecipe(**{"input_size": 64, "out_min": 64, "out_max": 256, "aspect_ratios": [1.0], **bad})
 
 
 # -- the photo cache (photo_cache.py) --------------------------------------------------------------------
