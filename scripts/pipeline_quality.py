@@ -14,11 +14,14 @@ import torch
 
 from infgen.commands.common import load_pipeline
 from infgen.evaluate import protocol_pair
+from infgen.images import pil_to_tensor, tensor_to_pil
 from infgen.metrics import psnr
 
 # (name, input height, input width, output height, output width): what each row exercises
 CASES = [("windows 2x", 512, 512, 1024, 1024),          # 64^2 latent: 2 x 2 windows
          ("windows 3.75x", 288, 512, 1080, 1920),       # the demo's 1080p from a 512 x 288 photo
+         ("input not 8k, 3x", 300, 300, 900, 900),      # the encoder pads 300 to 304
+         ("extrapolation 6x", 128, 128, 768, 768),      # steps 128 -> ~233 -> ~423 -> 768
          ("extrapolation 8x", 128, 128, 1024, 1024)]    # 16^2 latent, 8x > the trained 4x
 
 
@@ -44,7 +47,7 @@ def main() -> None:
                 continue
             x, gt = pair
             t = time.perf_counter()
-            out = pipe.decode(pipe.encode(x.to(pipe.model.dtype)), oh, ow).float()
+            out = pil_to_tensor(pipe.upscale(tensor_to_pil(x[0]), oh, ow))   # as `infgen upscale` runs
             seconds += time.perf_counter() - t
             scores.append(psnr((out + 1) / 2, (gt + 1) / 2).item())
         print(f"| {name} | {len(scores)} | {sum(scores) / len(scores):.3f} | {seconds:.1f} |", flush=True)

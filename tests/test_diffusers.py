@@ -167,6 +167,17 @@ def test_encode_returns_the_codec_posterior(bundle_vae, micro_vae):
         micro_vae.encode(x)
 
 
+def test_forward_reconstructs_an_image_whose_size_is_not_a_multiple_of_8(bundle_vae):
+    """forward = encode + decode at the input's size; the encoder pads 61 x 75 to 64 x 80, and the decode
+    must cover the image, not stretch the padding into it."""
+    x = torch.rand(1, 3, 61, 75) * 2 - 1
+    z = bundle_vae.encode(x).latent_dist.mode()
+    out = bundle_vae(x).sample
+    assert out.shape == (1, 3, 61, 75)
+    whole = bundle_vae.decode(z, height=64, width=80).sample        # the latent's full extent
+    torch.testing.assert_close(out, whole[:, :, :61, :75], rtol=0, atol=1e-5)
+
+
 def test_diffusers_autoencoderkl_codec_round_trips_and_encodes(tmp_path):
     from diffusers import AutoencoderKL
     torch.manual_seed(0)

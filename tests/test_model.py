@@ -52,7 +52,7 @@ def test_chunked_decode_equals_plain(request, fixture, chunk):
 
 
 @pytest.mark.parametrize("region,chunk", [((0, 0, 29, 37), None), ((3, 5, 7, 11), 2), ((25, 30, 4, 7), 3),
-                                          ((28, 36, 1, 1), None)])
+                                          ((28, 36, 1, 1), None), ((27, 30, 5, 9), 2)])   # the last: cut at the edge
 def test_region_decode_is_the_crop_of_the_whole(tiny, region, chunk):
     z = torch.randn(2, 4, 6, 9)
     whole = tiny.decode(z, 229, 293)                        # 29 x 37 cells; the last row/col partial
@@ -61,10 +61,11 @@ def test_region_decode_is_the_crop_of_the_whole(tiny, region, chunk):
     torch.testing.assert_close(tiny.decode(z, 229, 293, chunk, region=region), crop, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("region", [(0, 0, 0, 1), (-1, 0, 2, 2), (28, 0, 2, 1), (0, 36, 1, 2), (0, 0, 1.5, 1),
+@pytest.mark.parametrize("region", [(0, 0, 0, 1), (-1, 0, 2, 2), (29, 0, 2, 1), (0, 37, 1, 2), (0, 0, 1.5, 1),
                                     (0, 0, 1), "0,0,1,1", (0, 0, True, 1)])
 def test_bad_region_is_refused(tiny, region):
-    with pytest.raises(ValueError, match=r"region must be \(top, left, rows, cols\) ints inside the 29 x 37"):
+    with pytest.raises(ValueError, match=r"region must be \(top, left, rows, cols\) ints with 0 <= top < 29, "
+                                         r"0 <= left < 37"):
         tiny.decode(torch.randn(1, 4, 6, 9), 229, 293, region=region)
 
 

@@ -200,3 +200,48 @@ def test_latent_channels_come_from_the_codec(preset, tmp_path):
     assert again.codec.latent_channels == C and again.model.config.latent_channels == C
     with pytest.raises(ValueError, match=f"expects latent_channels={C}"):
         pipe.decode(torch.randn(1, 20 - C, 8, 8), 64, 64)                   # the other channel count
+
+
+@pytest.fixture(scope="module")
+def codec_pipe():
+    """InfGen = the codec's decoder + bicubic resize exactly (base copied, tokens at zero): geometry is visible."""
+    from infgen import InfGen, InfGenConfig
+    from infgen.autoencoder import AutoencoderConfig, KLAutoencoder
+    from infgen.codecs import AutoencoderCodec
+    from infgen.pipeline import BundleInfo
+    torch.manual_seed(0)
+    ae = KLAutoencoder(AutoencoderConfig.preset("tiny")).eval()
+    model = InfGen(InfGenConfig.preset("tiny", scaling_factor=1.0, base_channels=ae.config.decoder_channels,
+                                       base_blocks=ae.config.blocks)).eval()
+    model.init_base_from(ae.decoder)
+    return InfGenPipeline(model, AutoencoderCodec(ae), BundleInfo(train_latent=8, max_scale=2.0, window_margin=2))
+
+
+def test_padded_input_decodes_the_image_not_its_padding(codec_pipe):
+    """A 61 x 75 image is replicate-padded to 64 x 80 before encoding; at its own size the output must be
+    the codec's reconstruction of those 61 x 75 px, not the padded 64 x 80 squeezed into them."""
+    x = torch.rand(1, 3, 61, 75) * 2 - 1
+    z = codec_pipe.encode(x)
+    assert z.shape[-2:] == (8, 10)
+    codec = codec_pipe.codec.decode(z)[:, :, :61, :75]
+    torch.testing.assert_close(codec_pipe.decode(z, 61, 75, content=(61, 75)), codec.clamp(-1, 1), rtol=0, atol=1e-5)
+    assert (codec_pipe.decode(z, 61, 75) - codec).abs().max() > 1e-2           # without content: squeezed
+    image = Image.fromarray(((x[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    assert codec_pipe.upscale(image, 122, 150).size == (150, 122)             # upscale passes its size on
+
+
+def test_extrapolation_steps_are_multiples_of_8(codec_pipe, monkeypatch):
+    """Intermediate images fill their re-encoded latents exactly (a size like 233 would be padded to 240
+    and the next step would stretch the padding into the picture)."""
+    sizes = []
+    original = codec_pipe._decode_once
+    monkeypatch.setattr(codec_pipe, "_decode_once", lambda z, h, w, *a: sizes.append((h, w)) or original(z, h, w, *a))
+    out = codec_pipe.decode(torch.randn(1, 4, 4, 5), 190, 233)                # 5.9x > max_scale 2: 3 steps
+    assert out.shape == (1, 3, 190, 233) and len(sizes) == 3
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in sizes[:-1]), sizes
+
+
+@pytest.mark.parametrize("content", [(56, 80), (65, 80), (64, 72), (64.0, 80), (64,), "64x80"])
+def test_bad_content_is_refused(codec_pipe, content):
+    with pytest.raises(ValueError, match=r"content must be the \(h, w\) px of the image a 8 x 10 latent"):
+        codec_pipe.decode(torch.randn(1, 4, 8, 10), 64, 80, content=content)

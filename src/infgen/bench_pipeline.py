@@ -62,7 +62,7 @@ def time_upscale(pipe: InfGenPipeline, image, height: int, width: int, repeats: 
     for _ in range(repeats):
         with StageTimer(pipe) as timer:
             t0 = time.perf_counter()
-            pipe.decode(pipe.encode(x), height, width)
+            pipe.decode(pipe.encode(x), height, width, content=tuple(x.shape[-2:]))
             totals.append(time.perf_counter() - t0)
         runs.append(timer.stages)
         z = pipe.encode(x)

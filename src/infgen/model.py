@@ -135,9 +135,11 @@ class InfGen(nn.Module):
             x = self._run(block, x, k, v, window)
         return self.norm_out(x)                                                # (B, n, D)
 
-    def render(self, ctx: LatentContext, height: int, width: int, rows: tuple[int, int],
-               cols: tuple[int, int], halo: bool = True) -> Tensor:
-        """Pixels of the 8x8 cells rows[0]:rows[1], cols[0]:cols[1] of an (height, width) output.
+    def render(self, ctx: LatentContext, height: int, width: int, region: tuple[int, int, int, int],
+               halo: bool = True) -> Tensor:
+        """Pixels of a region of 8x8 cells of an (height, width) output. region = (top, left, rows, cols),
+        the one way the decode path names cells (forward, render, decode): pixels [8 top, 8 (top + rows))
+        x [8 left, 8 (left + cols)).
 
         Returns (B, 3, <=8*n_rows, <=8*n_cols), unclamped, cropped at the image's bottom/right edge.
         The cells are decoded with a halo of `self.halo` cells (clipped at the image border), so the
@@ -145,6 +147,7 @@ class InfGen(nn.Module):
         alone, its convolutions zero-padded at the region's edge like a patch-trained SR network's.
         """
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        rows, cols = (region[0], region[0] + region[2]), (region[1], region[1] + region[3])
         margin = self.halo if halo else 0
         r0, r1 = max(rows[0] - margin, 0), min(rows[1] + margin, gh)
         c0, c1 = max(cols[0] - margin, 0), min(cols[1] + margin, gw)
@@ -181,10 +184,8 @@ class InfGen(nn.Module):
         output, at a cost independent of the full size; pixels [8*top : 8*(top+rows)] x [...] of the image.
         halo: see `render` (False: cheaper, the region's edge pixels see zero padding instead of neighbours).
         """
-        ctx = self.context(z)
-        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
-        top, left, nr, nc = region if region is not None else (0, 0, gh, gw)
-        return self.render(ctx, height, width, (top, top + nr), (left, left + nc), halo)
+        region = self._check_region(region, math.ceil(height / 8), math.ceil(width / 8))
+        return self.render(self.context(z), height, width, region, halo)
 
     # -- the decode path everything calls -------------------------------------------------------------
     @torch.inference_mode()
@@ -213,7 +214,7 @@ class InfGen(nn.Module):
         tiles = [(r, c) for r in range(top, top + rows, tile) for c in range(left, left + cols, tile)]
         bar = progress_bar(len(tiles), progress)
         for r, c in tiles:
-            pix = self.render(ctx, height, width, (r, min(r + tile, top + rows)), (c, min(c + tile, left + cols)))
+            pix = self.render(ctx, height, width, (r, c, min(tile, top + rows - r), min(tile, left + cols - c)))
             y, x = 8 * (r - top), 8 * (c - left)
             out[:, :, y: y + pix.shape[2], x: x + pix.shape[3]] = pix.clamp_(-1, 1)
             del pix
@@ -225,15 +226,16 @@ class InfGen(nn.Module):
 
     @staticmethod
     def _check_region(region, gh: int, gw: int) -> tuple[int, int, int, int]:
+        """(top, left, rows, cols) of a gh x gw grid of cells, cut at its bottom/right edge; None: all."""
         if region is None:
             return 0, 0, gh, gw
         ok = (isinstance(region, (tuple, list)) and len(region) == 4
               and all(isinstance(v, int) and not isinstance(v, bool) for v in region))
-        if not ok or region[2] < 1 or region[3] < 1 or region[0] < 0 or region[1] < 0 \
-                or region[0] + region[2] > gh or region[1] + region[3] > gw:
-            raise ValueError(f"region must be (top, left, rows, cols) ints inside the {gh} x {gw} grid of 8x8 "
-                             f"cells with rows, cols >= 1, got {region!r}")
-        return tuple(region)
+        if not ok or not (0 <= region[0] < gh and 0 <= region[1] < gw and region[2] >= 1 and region[3] >= 1):
+            raise ValueError(f"region must be (top, left, rows, cols) ints with 0 <= top < {gh}, 0 <= left < {gw} "
+                             f"(the grid of 8x8 cells) and rows, cols >= 1, got {region!r}")
+        top, left, rows, cols = region
+        return top, left, min(rows, gh - top), min(cols, gw - left)
 
     def bytes_per_cell(self, batch: int) -> int:
         """Rough activation bytes per 8x8 output cell during a render (transformer + decoder)."""

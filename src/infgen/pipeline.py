@@ -146,21 +146,35 @@ class InfGenPipeline:
 
     # -- decode ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, latents: Tensor, height: int, width: int, *, chunk_size: int | None = None,
-               extrapolate: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: bool = False) -> Tensor:
-        """Raw latents (B, C, h, w) -> images (B, 3, height, width) in [-1, 1]; the path every tool calls."""
+    def decode(self, latents: Tensor, height: int, width: int, *, content: tuple[int, int] | None = None,
+               chunk_size: int | None = None, extrapolate: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               progress: bool = False) -> Tensor:
+        """Raw latents (B, C, h, w) -> images (B, 3, height, width) in [-1, 1]; the path every tool calls.
+
+        content: (h, w) px of the image the latents were encoded from, when that is not 8x the latent (the
+        encoder replicate-pads images to a multiple of 8); the output then covers that image, not its
+        padding. None (latents from a diffusion model): the whole latent."""
         check_latents(latents, self.model.config.latent_channels)
         height, width = check_size(height, width, max_pixels)
-        h, w = latents.shape[-2:]
-        scale = max(height / (8 * h), width / (8 * w))
+        content = _check_content(content, *latents.shape[-2:])
+        scale = max(height / content[0], width / content[1])
         if extrapolate and scale > self.info.max_scale * 1.001 and self.codec is not None:
             steps = math.ceil(math.log(scale) / math.log(self.info.max_step_scale) - 1e-9)
             for k in range(1, steps):
                 f = scale ** (k / steps) / scale  # intermediate size as a fraction of the final one
-                hk, wk = max(round(height * f), 1), max(round(width * f), 1)
-                image = self._decode_once(latents, hk, wk, chunk_size, progress)
-                latents = self.encode(image)
-        return self._decode_once(latents, height, width, chunk_size, progress)
+                # multiples of 8, so the re-encoded image fills its latent exactly: no padding to undo
+                hk, wk = max(8 * round(height * f / 8), 8), max(8 * round(width * f / 8), 8)
+                image = self._decode_content(latents, hk, wk, content, chunk_size, progress)
+                latents, content = self.encode(image), (hk, wk)
+        return self._decode_content(latents, height, width, content, chunk_size, progress)
+
+    def _decode_content(self, z: Tensor, height: int, width: int, content: tuple[int, int],
+                        chunk_size: int | None, progress: bool) -> Tensor:
+        """Decode so that the content's px, not the latent's padded 8h x 8w, fill (height, width)."""
+        h, w = z.shape[-2:]
+        full_h, full_w = round(height * 8 * h / content[0]), round(width * 8 * w / content[1])
+        out = self._decode_once(z, full_h, full_w, chunk_size, progress)
+        return out[:, :, :height, :width]
 
     def _decode_once(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
         h, w = z.shape[-2:]
@@ -213,7 +227,18 @@ class InfGenPipeline:
             raise TypeError(f"upscale expects a PIL.Image, got {type(image).__name__}")
         x = pil_to_tensor(image).to(self.device)
         z = self.encode(x)
-        return tensor_to_pil(self.decode(z, height, width, **kwargs)[0])
+        return tensor_to_pil(self.decode(z, height, width, content=tuple(x.shape[-2:]), **kwargs)[0])
+
+
+def _check_content(content, h: int, w: int) -> tuple[int, int]:
+    if content is None:
+        return 8 * h, 8 * w
+    ok = isinstance(content, (tuple, list)) and len(content) == 2 and \
+        all(isinstance(v, int) and not isinstance(v, bool) for v in content)
+    if not ok or not (8 * h - 8 < content[0] <= 8 * h and 8 * w - 8 < content[1] <= 8 * w):
+        raise ValueError(f"content must be the (h, w) px of the image a {h} x {w} latent was encoded from: "
+                         f"({8 * h - 7}..{8 * h}, {8 * w - 7}..{8 * w}), got {content!r}")
+    return int(content[0]), int(content[1])
 
 
 def _window_starts(n: int, core: int) -> list[int]:

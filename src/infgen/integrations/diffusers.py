@@ -173,13 +173,15 @@ class InfGenVAE(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None, *,
-               height: int | None = None, width: int | None = None) -> DecoderOutput | tuple[Tensor]:
+               height: int | None = None, width: int | None = None,
+               content: tuple[int, int] | None = None) -> DecoderOutput | tuple[Tensor]:
         """Unscaled latents (B, C, h, w) -> DecoderOutput(sample=(B, 3, H, W) in [-1, 1]).
 
         Size: height/width if given, else the one set by `output_size` / `set_output_size`, else (8h, 8w).
+        content: see InfGenPipeline.decode (the px of a padded image the latents were encoded from).
         `generator` is accepted for pipelines and ignored: InfGen decoding is deterministic."""
         height, width = self._resolve_size(z, height, width)
-        sample = InfGenPipeline(self.infgen, self.codec, self.info).decode(z, height, width)
+        sample = InfGenPipeline(self.infgen, self.codec, self.info).decode(z, height, width, content=content)
         sample = sample.clone()  # out of inference mode, so callers may modify it in place
         if not return_dict:
             return (sample,)
@@ -205,7 +207,10 @@ class InfGenVAE(ModelMixin, ConfigMixin):
         """Encode and decode at the input's size (a reconstruction, as AutoencoderKL.forward)."""
         dist = self.encode(sample).latent_dist
         z = dist.sample(generator=generator) if sample_posterior else dist.mode()
-        return self.decode(z, return_dict=return_dict, height=sample.shape[-2], width=sample.shape[-1])
+        height, width = sample.shape[-2:]
+        # the project's autoencoder replicate-pads images to a multiple of 8: decode the image, not the padding
+        content = (height, width) if isinstance(self.codec, AutoencoderCodec) else None
+        return self.decode(z, return_dict=return_dict, height=height, width=width, content=content)
 
 
 def _build_codec(spec: dict | None) -> LatentCodec | None:
