@@ -37,7 +37,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the demo needs the optional extra: pip install 'infgen[demo]'")
 from infgen import serve  # noqa: E402
-from infgen.pipeline import BundleInfo, InfGenPipeline  # noqa: E402
+from infgen.pipeline import BundleInfo, InfGenPipeline, cells_read  # noqa: E402
 
 CHROMIUM = os.environ.get("INFGEN_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -155,8 +155,8 @@ def test_limits_output_pixels_and_time(worker, pipe, tmp_path):
                                                ((1, 1), (90, 70)),        # a 1x1 latent: 7 passes, windows
                                                ((200, 120), (150, 90))])  # a downscale through windows
 def test_decode_passes_are_the_pipelines(pipe, monkeypatch, in_size, out_size):
-    """serve.decode_passes copies InfGenPipeline.decode's schedule: it must name the passes and encodes that
-    pipe.upscale makes (if this fails, the pipeline's schedule changed: update the copy in serve.py)."""
+    """serve.decode_passes (pipeline.plan_passes, the schedule decode follows) names the passes and encodes
+    that pipe.upscale makes, and pipeline.cells_read the latent cells they read."""
     seen, cells, encoded = [], [], []
     decode_once, model_decode, encode = pipe._decode_once, pipe.model.decode, pipe.encode
 
@@ -177,7 +177,7 @@ def test_decode_passes_are_the_pipelines(pipe, monkeypatch, in_size, out_size):
     (iw, ih), (ow, oh) = in_size, out_size
     pipe.upscale(Image.new("RGB", in_size), oh, ow)
     assert serve.decode_passes(pipe, iw, ih, ow, oh) == (seen, encoded)
-    assert [serve.window_cells(pipe, *lat) for lat, _ in seen] == cells
+    assert [cells_read(pipe.info, *lat) for lat, _ in seen] == cells
 
 
 def test_estimate_adds_up():

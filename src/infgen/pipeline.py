@@ -156,30 +156,16 @@ class InfGenPipeline:
         padding. None (latents from a diffusion model): the whole latent."""
         check_latents(latents, self.model.config.latent_channels)
         height, width = check_size(height, width, max_pixels)
-        content = _check_content(content, *latents.shape[-2:])
-        scale = max(height / content[0], width / content[1])
-        if extrapolate and scale > self.info.max_scale * 1.001 and self.codec is not None:
-            steps = math.ceil(math.log(scale) / math.log(self.info.max_step_scale) - 1e-9)
-            for k in range(1, steps):
-                f = scale ** (k / steps) / scale  # intermediate size as a fraction of the final one
-                # multiples of 8, so the re-encoded image fills its latent exactly: no padding to undo
-                hk, wk = max(8 * round(height * f / 8), 8), max(8 * round(width * f / 8), 8)
-                image = self._decode_content(latents, hk, wk, content, chunk_size, progress)
-                latents, content = self.encode(image), (hk, wk)
-        return self._decode_content(latents, height, width, content, chunk_size, progress)
-
-    def _decode_content(self, z: Tensor, height: int, width: int, content: tuple[int, int],
-                        chunk_size: int | None, progress: bool) -> Tensor:
-        """Decode so that the content's px, not the latent's padded 8h x 8w, fill (height, width)."""
-        h, w = z.shape[-2:]
-        full_h, full_w = round(height * 8 * h / content[0]), round(width * 8 * w / content[1])
-        out = self._decode_once(z, full_h, full_w, chunk_size, progress)
-        return out[:, :, :height, :width]
+        passes = plan_passes(self.info, tuple(latents.shape[-2:]), height, width, content,
+                             extrapolate and self.codec is not None)
+        for i, p in enumerate(passes):
+            image = self._decode_once(latents, *p.decoded, chunk_size, progress)[:, :, :p.size[0], :p.size[1]]
+            if i < len(passes) - 1:                                      # an extrapolation step: re-encode
+                latents = self.encode(image)
+        return image
 
     def _decode_once(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
-        h, w = z.shape[-2:]
-        core = self.info.train_latent
-        if h <= core + 2 * self.info.window_margin and w <= core + 2 * self.info.window_margin:
+        if not windowed(self.info, *z.shape[-2:]):
             return self.model.decode(z, height, width, chunk_size, max_pixels=None, progress=progress)
         return self._decode_windows(z, height, width, chunk_size, progress)
 
@@ -228,6 +214,51 @@ class InfGenPipeline:
         x = pil_to_tensor(image).to(self.device)
         z = self.encode(x)
         return tensor_to_pil(self.decode(z, height, width, content=tuple(x.shape[-2:]), **kwargs)[0])
+
+
+@dataclass(frozen=True)
+class DecodePass:
+    """One decode of InfGenPipeline.decode: the latent's padded extent at `decoded` px, cropped to `size`."""
+    latent: tuple[int, int]     # (h, w) of the latent decoded
+    size: tuple[int, int]       # (h, w) px of the image the pass yields
+    decoded: tuple[int, int]    # (h, w) px decoded: 8h x 8w at the pass's scale (>= size when padded)
+
+
+def plan_passes(info: BundleInfo, latent: tuple[int, int], height: int, width: int,
+                content: tuple[int, int] | None = None, extrapolate: bool = True) -> list[DecodePass]:
+    """The passes InfGenPipeline.decode makes, from sizes alone (serve prices requests with it).
+
+    An output scale above info.max_scale is reached in steps of at most info.max_step_scale: intermediate
+    images of scale**(k/steps) the final size, rounded to multiples of 8 so that each re-encoded image fills
+    its latent exactly; every pass decodes its latent's padded extent so that the content fills its size."""
+    h, w = latent
+    content = _check_content(content, h, w)
+    scale = max(height / content[0], width / content[1])
+    sizes = []
+    if extrapolate and scale > info.max_scale * 1.001:
+        steps = math.ceil(math.log(scale) / math.log(info.max_step_scale) - 1e-9)
+        for k in range(1, steps):
+            f = scale ** (k / steps) / scale  # intermediate size as a fraction of the final one
+            sizes.append((max(8 * round(height * f / 8), 8), max(8 * round(width * f / 8), 8)))
+    passes = []
+    for hk, wk in sizes + [(height, width)]:
+        passes.append(DecodePass((h, w), (hk, wk), (round(hk * 8 * h / content[0]), round(wk * 8 * w / content[1]))))
+        h, w, content = math.ceil(hk / 8), math.ceil(wk / 8), (hk, wk)
+    return passes
+
+
+def windowed(info: BundleInfo, h: int, w: int) -> bool:
+    """Whether an (h, w) latent is decoded in windows (larger than a training latent with its margins)."""
+    return h > info.train_latent + 2 * info.window_margin or w > info.train_latent + 2 * info.window_margin
+
+
+def cells_read(info: BundleInfo, h: int, w: int) -> int:
+    """Latent cells one decode pass of an (h, w) latent reads: all of them, or every window with its margins."""
+    if not windowed(info, h, w):
+        return h * w
+    core, m = info.train_latent, info.window_margin
+    span = [sum(min(s + core + m, n) - max(s - m, 0) for s in _window_starts(n, core)) for n in (h, w)]
+    return span[0] * span[1]
 
 
 def _check_content(content, h: int, w: int) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from . import images
 from .commands import common
-from .pipeline import InfGenPipeline, _window_starts  # the window layout decode uses
+from .pipeline import InfGenPipeline, cells_read, plan_passes
 
 log = logging.getLogger("infgen.serve")
 SAMPLES_DIR = Path(__file__).parent / "assets" / "samples"
@@ -88,37 +88,10 @@ class CostModel:
 
 def decode_passes(pipe: InfGenPipeline, in_w: int, in_h: int, out_w: int, out_h: int):
     """What pipe.upscale does to an in_w x in_h photo for an out_w x out_h result, as sizes: a list of
-    (latent (h, w), decoded (h, w)) per decode pass, and the (h, w) of every image it encodes.
-
-    A copy of InfGenPipeline.decode's step schedule (a scale above info.max_scale is reached in steps of
-    at most max_step_scale, through intermediate sizes scale**(k/steps) rounded to multiples of 8, each
-    re-encoded; a pass decodes its latent's padded 8h x 8w so that the content fills the size asked for);
-    tests/test_serve.py checks it against the passes the pipeline actually makes."""
-    info = pipe.info
-    content, lat = (in_h, in_w), (math.ceil(in_h / 8), math.ceil(in_w / 8))
-    scale = max(out_h / in_h, out_w / in_w)
-    sizes = []
-    if scale > info.max_scale * 1.001 and pipe.codec is not None:
-        steps = math.ceil(math.log(scale) / math.log(info.max_step_scale) - 1e-9)
-        for k in range(1, steps):
-            f = scale ** (k / steps) / scale
-            sizes.append((max(8 * round(out_h * f / 8), 8), max(8 * round(out_w * f / 8), 8)))
-    passes, encodes = [], [content]
-    for i, (hk, wk) in enumerate(sizes + [(out_h, out_w)]):
-        passes.append((lat, (round(hk * 8 * lat[0] / content[0]), round(wk * 8 * lat[1] / content[1]))))
-        if i < len(sizes):  # an intermediate image, re-encoded for the next pass
-            encodes.append((hk, wk))
-            content, lat = (hk, wk), (math.ceil(hk / 8), math.ceil(wk / 8))
-    return passes, encodes
-
-
-def window_cells(pipe: InfGenPipeline, h: int, w: int) -> int:
-    """Latent cells a decode pass of an (h, w) latent reads: all of them, or each window with its margins."""
-    core, m = pipe.info.train_latent, pipe.info.window_margin
-    if h <= core + 2 * m and w <= core + 2 * m:
-        return h * w
-    span = [sum(min(s + core + m, n) - max(s - m, 0) for s in _window_starts(n, core)) for n in (h, w)]
-    return span[0] * span[1]
+    (latent (h, w), decoded (h, w)) per decode pass, and the (h, w) of every image it encodes."""
+    passes = plan_passes(pipe.info, (math.ceil(in_h / 8), math.ceil(in_w / 8)), out_h, out_w, (in_h, in_w),
+                         pipe.codec is not None)
+    return [(p.latent, p.decoded) for p in passes], [(in_h, in_w)] + [p.size for p in passes[:-1]]
 
 
 @dataclass(frozen=True)
@@ -146,7 +119,7 @@ def estimate(pipe: InfGenPipeline, in_w: int, in_h: int, out_w: int, out_h: int,
     passes, encodes = decode_passes(pipe, in_w, in_h, out_w, out_h)
     encoded = sum(h * w for h, w in encodes)
     decoded = sum(h * w for _, (h, w) in passes)
-    context = 64 * sum(window_cells(pipe, *lat) for lat, _ in passes)
+    context = 64 * sum(cells_read(pipe.info, *lat) for lat, _ in passes)
     us = (in_w * in_h * cost.read_us + encoded * cost.encode_us + decoded * cost.decode_us
           + context * cost.context_us + out_w * out_h * cost.png_us)
     seconds = cost.scale * (us / 1e6 + (len(passes) + len(encodes)) * cost.pass_s)
