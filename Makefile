@@ -62,8 +62,10 @@ train-default: photos
 		--set model.base_from_codec=false --set model.warm_start=runs/infgen-16ch-b/checkpoints/step-000001062 \
 		--set "model.overrides.base_channels=[128,96,48,24]" --set model.overrides.base_tokens=true \
 		--set optim.warmup_steps=50 --set optim.decay_steps=2500 --set train.max_steps=2500 --set loss.gan_start=1000
+	# extrapolation steps of up to 4x, the trained range (the paper's ~2x steps: within 0.05 dB on the
+	# validation split and twice the passes; docs/benchmarks.md, scripts/pipeline_quality.py)
 	$(BIN)/infgen bundle --infgen runs/infgen-16ch-c/final --codec checkpoints/autoencoder-16ch \
-		--out src/infgen/assets/default --train-latent 32 --max-scale 4
+		--out src/infgen/assets/default --train-latent 32 --max-scale 4 --max-step-scale 4
 
 # The evaluation table in the README (needs `make photos`).
 eval: $(VENV)/.installed-dev

@@ -32,14 +32,21 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("data/photos"))
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-step-scale", type=float, default=None, help="override the bundle's value")
+    ap.add_argument("--max-scale", type=float, default=None, help="override the bundle's value (where "
+                    "extrapolation starts; a large value decodes every scale in one pass)")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     a = ap.parse_args()
     pipe, what = load_pipeline(a.checkpoint, torch.device("cpu"), a.dtype)
     if a.max_step_scale:
         pipe.info.max_step_scale = a.max_step_scale
+    if a.max_scale:
+        pipe.info.max_scale = a.max_scale
     photos = [a.root / line.strip() for line in a.split.read_text().splitlines() if line.strip()]
-    print(f"{what}; max_step_scale {pipe.info.max_step_scale}; {len(photos)} photos")
+    print(f"{what}; max_scale {pipe.info.max_scale}, max_step_scale {pipe.info.max_step_scale}; {len(photos)} photos")
     print("| case | photos | PSNR (dB) | seconds |\n|---|---:|---:|---:|")
     for name, ih, iw, oh, ow in CASES:
+        if a.cases and name not in a.cases.split(","):
+            continue
         scores, seconds = [], 0.0
         for path in photos:
             pair = protocol_pair(path, (ih, iw), oh, ow)
