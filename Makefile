@@ -69,4 +69,4 @@ train-default: photos
 
 # The evaluation table in the README (needs `make photos`).
 eval: $(VENV)/.installed-dev
-	$(BIN)/infgen eval --out docs/eval
+	$(BIN)/infgen eval --out docs/eval --report

@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upscale": ("infgen.commands.upscale", "re-render images at any size (encode, then InfGen decode)"),
     "train": ("infgen.train", "train InfGen or the small autoencoder (accelerate: 1 CPU to many GPUs)"),
     "data": ("infgen.photos", "collect the offline real-photo dataset and its fixed split"),
-    "eval": ("infgen.evaluate", "PSNR/SSIM/KID/patch-FID of InfGen against resize baselines"),
+    "eval": ("infgen.evaluate", "InfGen against resize baselines: PSNR/SSIM/MS-SSIM, KID/patch-FID/sFID, "
+                                "precision/recall, with bootstrap intervals"),
     "bench": ("infgen.bench", "decode latency, memory and FLOP/s against baselines"),
     "serve": ("infgen.serve", "demo web page (gradio)"),
     "bundle": ("infgen.commands.bundle", "assemble a bundle (InfGen + codec + bundle.json) from trained exports"),
