@@ -55,7 +55,7 @@ def check_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _own_bomb_check():
+def own_bomb_check():
     """PIL's bomb check runs inside Image.open with its own limit; ours (from the header) replaces it."""
     with _BOMB_LOCK:
         old = Image.MAX_IMAGE_PIXELS
@@ -72,7 +72,7 @@ def open_rgb(path: str | Path, max_pixels: int | None = MAX_INPUT_PIXELS) -> Ima
     truncated/corrupt data."""
     path = Path(path)
     check_file(path)
-    with _own_bomb_check():
+    with own_bomb_check():
         try:
             im = Image.open(path)
         except Exception as e:  # UnidentifiedImageError, SyntaxError, struct.error...: not an image

@@ -418,7 +418,7 @@ class Upscaler:
         if path is not None and Path(path).is_file() \
                 and Path(path).stat().st_size <= self.limits.max_upload_mb * 1024 * 1024:
             try:
-                with images._own_bomb_check(), Image.open(path) as im:  # our pixel cap, not PIL's
+                with images.own_bomb_check(), Image.open(path) as im:  # our pixel cap, not PIL's
                     size = im.size
             except Exception:  # not an image, empty, ...: read() names the problem
                 pass
