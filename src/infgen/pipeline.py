@@ -6,11 +6,14 @@
     big = pipe.upscale(pil_image, height=H, width=W)   # PIL in, PIL out
 
 Beyond what one pass was trained for, `decode` goes through two mechanisms (method.md):
-- window decoding: a latent larger than the training latents is cut into overlapping windows, each decoded
-  as its own image (so it looks like a training example) and blended with linear ramps, so cost stays
-  linear in output pixels and no seams show;
+- window decoding: a latent larger than the training latents is cut into windows with context margins,
+  each decoded as its own image (so it looks like a training example) but rendered only where it owns the
+  output, plus one latent cell cross-faded with its neighbours, so cost stays linear in output pixels and
+  no seams show;
 - training-free extrapolation: an output scale above the trained range is reached in steps of at most
   `max_step_scale`: decode, re-encode with the frozen encoder, decode bigger.
+Every decode covers the image the latent was encoded from (`content`), not the encoder's padding to a
+multiple of 8; `plan_passes` lists the passes from sizes alone.
 """
 from __future__ import annotations
 
