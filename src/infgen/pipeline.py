@@ -188,8 +188,7 @@ class InfGenPipeline:
         bar = progress_bar(len(ys) * len(xs), progress, desc="windows", unit="window")
         for i, y in enumerate(ys):
             for j, x in enumerate(xs):
-                ly0, ly1 = max(y - m, 0), min(y + core + m, h)            # latent window with context
-                lx0, lx1 = max(x - m, 0), min(x + core + m, w)
+                (ly0, ly1), (lx0, lx1) = _window(y, core, m, h), _window(x, core, m, w)  # with context
                 py0, py1 = round(ly0 * sy), round(ly1 * sy)               # its image's box in output pixels
                 px0, px1 = round(lx0 * sx), round(lx1 * sx)
                 rows = _cells(own_y[i], band_y, py0, py1)                 # rendered cells of the window image
@@ -260,7 +259,7 @@ def cells_read(info: BundleInfo, h: int, w: int) -> int:
     if not windowed(info, h, w):
         return h * w
     core, m = info.train_latent, info.window_margin
-    span = [sum(min(s + core + m, n) - max(s - m, 0) for s in _window_starts(n, core)) for n in (h, w)]
+    span = [sum(hi - lo for lo, hi in (_window(s, core, m, n) for s in _window_starts(n, core))) for n in (h, w)]
     return span[0] * span[1]
 
 
@@ -279,6 +278,11 @@ def _window_starts(n: int, core: int) -> list[int]:
     count = max(math.ceil(n / core), 1)
     step = n / count
     return [round(i * step) for i in range(count)] if count > 1 else [0]
+
+
+def _window(start: int, core: int, margin: int, n: int) -> tuple[int, int]:
+    """[lo, hi) latent cells of the window starting at `start` along an axis of n cells, context included."""
+    return max(start - margin, 0), min(start + core + margin, n)
 
 
 def _owned(starts: list[int], px_per_cell: float, size: int) -> list[tuple[int, int]]:
