@@ -3,7 +3,8 @@
 For each sample and each target size the photo is centre-cropped to the target's aspect ratio at its own
 resolution (shrunk by area to at most 512^2 px: an SD-1.5 image, whose 64^2 latent is what a diffusion model
 hands its decoder), encoded, and decoded by InfGen at the target size: the diffusion-latent-to-any-size use
-of the paper. The bundled samples are 512 px wide, so they go in as they are (512x288 for 16:9). Writes, into --output:
+of the paper. The bundled samples are 512 px wide, so they go in as they are (512x288 for 16:9).
+Writes, into --output:
     <sample>_<W>x<H>_input.png     the low-resolution input
     <sample>_<W>x<H>_bicubic.png   a bicubic resize of it (the baseline)
     <sample>_<W>x<H>_infgen.png    the InfGen output
