@@ -245,3 +245,22 @@ def test_extrapolation_steps_are_multiples_of_8(codec_pipe, monkeypatch):
 def test_bad_content_is_refused(codec_pipe, content):
     with pytest.raises(ValueError, match=r"content must be the \(h, w\) px of the image a 8 x 10 latent"):
         codec_pipe.decode(torch.randn(1, 4, 8, 10), 64, 80, content=content)
+
+
+def test_windows_use_the_whole_latents_base(codec_pipe):
+    """The base is convolutional like the codec's decoder, so windows crop the base of the whole latent:
+    with the tokens at zero a window decode is the codec's decode of the whole latent, resized (before,
+    each window decoded its own base and its zero-padded edges showed in the owned pixels)."""
+    z = torch.randn(1, 4, 30, 41)                                            # 3 x 6 windows of 8 + 2 x 2
+    ref = torch.nn.functional.interpolate(codec_pipe.codec.decode(z), (480, 656), mode="bicubic",
+                                          align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(codec_pipe.decode(z, 480, 656), ref, rtol=0, atol=1e-5)
+
+
+def test_a_base_of_the_wrong_size_is_refused(codec_pipe):
+    z = torch.randn(1, 4, 6, 7)
+    with pytest.raises(ValueError, match=r"base must be the base image of the 6 x 7 latent"):
+        codec_pipe.model.decode(z, 96, 112, base=torch.zeros(1, 3, 40, 56))
+    whole = codec_pipe.model.base_image(z)
+    torch.testing.assert_close(codec_pipe.model.decode(z, 96, 112, base=whole), codec_pipe.model.decode(z, 96, 112),
+                               rtol=0, atol=0)

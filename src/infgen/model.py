@@ -102,13 +102,22 @@ class InfGen(nn.Module):
         return self.latent_in.weight.device
 
     # -- the two halves of a decode -------------------------------------------------------------------
-    def context(self, z: Tensor) -> LatentContext:
-        """Latent tokens -> self-attention -> per-block K/V. z: (B, C, h, w) raw latents."""
+    def base_image(self, z: Tensor) -> Tensor | None:
+        """The base decoder's image of raw latents z (B, C, h, w) at 1x: (B, 3, 8h, 8w); None without a base.
+        Like the codec's decoder it is convolutional, so its memory grows with the latent, not the output."""
+        return None if self.base is None else self.base(z.to(self.dtype))
+
+    def context(self, z: Tensor, base: Tensor | None = None) -> LatentContext:
+        """Latent tokens -> self-attention -> per-block K/V. z: (B, C, h, w) raw latents.
+        base: z's base image when the caller has it (the pipeline's windows crop the whole latent's)."""
         c = self.config
         B, C, h, w = z.shape
-        # The base decodes raw latents like the codec's decoder, whole and at 1x: its memory grows with the
-        # latent (windows keep that small in the pipeline), not with the output size.
-        base = None if self.base is None else self.base(z.to(self.dtype))      # (B, 3, 8h, 8w)
+        if base is None:
+            base = self.base_image(z)                                          # (B, 3, 8h, 8w)
+        elif self.base is None or tuple(base.shape) != (B, 3, 8 * h, 8 * w):
+            raise ValueError(f"base must be the base image of the {h} x {w} latent, (B, 3, 8h, 8w) = "
+                             f"{(B, 3, 8 * h, 8 * w)}, got {tuple(base.shape)}"
+                             + ("" if self.base is not None else " (and this model has no base decoder)"))
         z = (z.to(self.dtype) - c.shift_factor) * c.scaling_factor              # VAE's unit-variance space
         coords = grid_coords(torch.arange(h, device=z.device), torch.arange(w, device=z.device), 1.0, h, w)
         x = self.latent_in(z.flatten(2).transpose(1, 2)) + self.inpe(coords)  # (B, h*w, D)
@@ -191,7 +200,8 @@ class InfGen(nn.Module):
     @torch.inference_mode()
     def decode(self, latents: Tensor, height: int, width: int, chunk_size: int | None = None, *,
                region: tuple[int, int, int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, base: Tensor | None = None,
+               progress: bool = False) -> Tensor:
         """Decode raw (unscaled) latents (B, C, h, w) to images (B, 3, height, width) in [-1, 1].
 
         chunk_size: side of a tile in 8x8 output cells; None picks the largest tile whose activations fit
@@ -200,6 +210,8 @@ class InfGen(nn.Module):
         pixels [8 top, 8 (top + rows)) x [8 left, 8 (left + cols)) cut at the image's edge; equal to the
         same crop of the whole decode, at the cost of the crop (the pipeline's windows use it).
         max_pixels: refuse outputs above this many pixels per image (None lifts the cap).
+        base: the latents' base image (`base_image`) when the caller already has it, e.g. a window's crop of
+        a larger latent's (the base is convolutional: decoded whole, it sees past the window's edge).
         """
         check_latents(latents, self.config.latent_channels)
         height, width = check_size(height, width, max_pixels)
@@ -208,7 +220,7 @@ class InfGen(nn.Module):
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
         top, left, rows, cols = self._check_region(region, gh, gw)
         tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
-        ctx = self.context(latents.to(self.device))
+        ctx = self.context(latents.to(self.device), base)
         out_h, out_w = min(8 * (top + rows), height) - 8 * top, min(8 * (left + cols), width) - 8 * left
         out = torch.empty(latents.shape[0], 3, out_h, out_w, dtype=self.dtype, device=self.device)
         tiles = [(r, c) for r in range(top, top + rows, tile) for c in range(left, left + cols, tile)]

@@ -9,7 +9,7 @@ Beyond what one pass was trained for, `decode` goes through two mechanisms (meth
 - window decoding: a latent larger than the training latents is cut into windows with context margins,
   each decoded as its own image (so it looks like a training example) but rendered only where it owns the
   output, plus one latent cell cross-faded with its neighbours, so cost stays linear in output pixels and
-  no seams show;
+  no seams show (the base decoder, convolutional like the codec's, runs once on the whole latent);
 - training-free extrapolation: an output scale above the trained range is reached in steps of at most
   `max_step_scale`: decode, re-encode with the frozen encoder, decode bigger.
 Every decode covers the image the latent was encoded from (`content`), not the encoder's padding to a
@@ -182,6 +182,9 @@ class InfGenPipeline:
         sy, sx = height / h, width / w                                    # output px per latent cell
         out = torch.zeros(B, 3, height, width, dtype=torch.float32, device=self.device)
         weight = torch.zeros(1, 1, height, width, dtype=torch.float32, device=self.device)
+        # The base is convolutional, like the codec's decoder: decoded once for the whole latent, each window
+        # takes its crop (decoded per window, it was computed again in every overlap and cut at window edges).
+        base = self.model.base_image(z.to(self.device))                   # (B, 3, 8h, 8w) or None
         ys, xs = _window_starts(h, core), _window_starts(w, core)
         own_y, own_x = _owned(ys, sy, height), _owned(xs, sx, width)     # px each window is responsible for
         band_y, band_x = round(sy * min(m, 1)), round(sx * min(m, 1))    # cross-fade half-width, px
@@ -195,9 +198,10 @@ class InfGenPipeline:
                 cols = _cells(own_x[j], band_x, px0, px1)
                 if py1 <= py0 or px1 <= px0 or rows[1] <= rows[0] or cols[1] <= cols[0]:
                     continue
+                crop = None if base is None else base[:, :, 8 * ly0:8 * ly1, 8 * lx0:8 * lx1]
                 tile = self.model.decode(z[:, :, ly0:ly1, lx0:lx1], py1 - py0, px1 - px0, chunk_size,
                                          region=(rows[0], cols[0], rows[1] - rows[0], cols[1] - cols[0]),
-                                         max_pixels=None)
+                                         max_pixels=None, base=crop)
                 y0, x0 = py0 + 8 * rows[0], px0 + 8 * cols[0]             # the tile's place in the output
                 y1, x1 = y0 + tile.shape[2], x0 + tile.shape[3]
                 ramp = (_fade(y0, y1, own_y[i], band_y, i > 0, i < len(ys) - 1)[:, None] *
@@ -232,7 +236,9 @@ def plan_passes(info: BundleInfo, latent: tuple[int, int], height: int, width: i
 
     An output scale above info.max_scale is reached in steps of at most info.max_step_scale: intermediate
     images of scale**(k/steps) the final size, rounded to multiples of 8 so that each re-encoded image fills
-    its latent exactly; every pass decodes its latent's padded extent so that the content fills its size."""
+    its latent exactly; every pass decodes its latent's padded extent so that the content fills its size.
+    (Equal steps: taking the full max_step_scale last, so that the big intermediate is smaller, was faster
+    but scored 0.06 dB lower from 128^2 to 768^2, scripts/pipeline_quality.py.)"""
     h, w = latent
     content = _check_content(content, h, w)
     scale = max(height / content[0], width / content[1])
