@@ -48,6 +48,10 @@ FIRST_BUNDLE := 1704529
 train-default: photos
 	$(BIN)/infgen data cache data/splits/train.txt --root data/photos --cache data/cache
 	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume     # committed: checkpoints/autoencoder-16ch
+	# the codec continued: 7,000 steps, a second cosine (committed: checkpoints/autoencoder-16ch-c2)
+	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --output runs/autoencoder-16ch-c2 --resume \
+		--set model.init_from=checkpoints/autoencoder-16ch --set optim.lr=2e-4 --set optim.warmup_steps=300 \
+		--set train.max_steps=7000 --set train.eval_every=1000 --set train.ckpt_every=1000
 	mkdir -p runs/first-bundle/infgen && for f in config.json model.safetensors; do \
 		git show $(FIRST_BUNDLE):src/infgen/assets/default/infgen/$$f > runs/first-bundle/infgen/$$f; done
 	# A: no base, warm start from the first bundle; stopped at step 2,539 (committed: checkpoints/infgen-16ch)
@@ -62,9 +66,14 @@ train-default: photos
 		--set model.base_from_codec=false --set model.warm_start=runs/infgen-16ch-b/checkpoints/step-000001062 \
 		--set "model.overrides.base_channels=[128,96,48,24]" --set model.overrides.base_tokens=true \
 		--set optim.warmup_steps=50 --set optim.decay_steps=2500 --set train.max_steps=2500 --set loss.gan_start=1000
+	# D: C moved to the continued codec, whose decoder is the base again (the tokens' last layer restarts at 0)
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-d --resume \
+		--set codec=checkpoints/autoencoder-16ch-c2 --set model.warm_start=runs/infgen-16ch-c/final \
+		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2500 \
+		--set train.max_steps=2500 --set loss.gan_start=1000
 	# extrapolation steps of up to 4x, the trained range (the paper's ~2x steps: within 0.05 dB on the
 	# validation split and twice the passes; docs/benchmarks.md, scripts/pipeline_quality.py)
-	$(BIN)/infgen bundle --infgen runs/infgen-16ch-c/final --codec checkpoints/autoencoder-16ch \
+	$(BIN)/infgen bundle --infgen runs/infgen-16ch-d/final --codec checkpoints/autoencoder-16ch-c2 \
 		--out src/infgen/assets/default --train-latent 32 --max-scale 4 --max-step-scale 4
 
 # The evaluation table in the README (needs `make photos`).
