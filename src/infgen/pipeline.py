@@ -121,11 +121,13 @@ class InfGenPipeline:
         return self.codec
 
     @torch.inference_mode()
-    def encode(self, images: Tensor, tile: int = 512) -> Tensor:
+    def encode(self, images: Tensor, tile: int = 768) -> Tensor:
         """Images (B, 3, h, w) in [-1, 1] -> raw latents (B, C, ceil(h/8), ceil(w/8)).
 
         Large images are encoded in tiles of `tile` px with a 64 px halo, aligned to 8 px, so memory stays
-        bounded (exact for the bundled local autoencoder; a good approximation for GroupNorm VAEs)."""
+        bounded (exact for the bundled local autoencoder; a good approximation for GroupNorm VAEs). 768 px:
+        the 4K path's 1152 x 648 intermediate is 2 tiles instead of 6, whose halos cost ~30 % of its encode
+        (`infgen bench --pipeline`, docs/benchmarks.md)."""
         codec = self._require_codec()
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a (B, 3, h, w) tensor, got {getattr(images, 'shape', type(images))}")
