@@ -264,3 +264,7 @@ def test_a_base_of_the_wrong_size_is_refused(codec_pipe):
     whole = codec_pipe.model.base_image(z)
     torch.testing.assert_close(codec_pipe.model.decode(z, 96, 112, base=whole), codec_pipe.model.decode(z, 96, 112),
                                rtol=0, atol=0)
+    from infgen import InfGen, InfGenConfig
+    plain = InfGen(InfGenConfig.preset("tiny")).eval()
+    with pytest.raises(ValueError, match="this model has no base decoder"):
+        plain.decode(z, 96, 112, base=whole)

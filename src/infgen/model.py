@@ -114,10 +114,12 @@ class InfGen(nn.Module):
         B, C, h, w = z.shape
         if base is None:
             base = self.base_image(z)                                          # (B, 3, 8h, 8w)
-        elif self.base is None or tuple(base.shape) != (B, 3, 8 * h, 8 * w):
+        elif self.base is None:
+            raise ValueError("this model has no base decoder (config.base_channels), so it takes no base; "
+                             "pass base=None")
+        elif tuple(base.shape) != (B, 3, 8 * h, 8 * w):
             raise ValueError(f"base must be the base image of the {h} x {w} latent, (B, 3, 8h, 8w) = "
-                             f"{(B, 3, 8 * h, 8 * w)}, got {tuple(base.shape)}"
-                             + ("" if self.base is not None else " (and this model has no base decoder)"))
+                             f"{(B, 3, 8 * h, 8 * w)}, got {tuple(base.shape)}")
         z = (z.to(self.dtype) - c.shift_factor) * c.scaling_factor              # VAE's unit-variance space
         coords = grid_coords(torch.arange(h, device=z.device), torch.arange(w, device=z.device), 1.0, h, w)
         x = self.latent_in(z.flatten(2).transpose(1, 2)) + self.inpe(coords)  # (B, h*w, D)

@@ -126,7 +126,7 @@ class InfGenPipeline:
 
         Large images are encoded in tiles of `tile` px with a 64 px halo, aligned to 8 px, so memory stays
         bounded (exact for the bundled local autoencoder; a good approximation for GroupNorm VAEs). 768 px:
-        the 4K path's 1152 x 648 intermediate is 2 tiles instead of 6, whose halos cost ~30 % of its encode
+        the 4K path's 1152 x 648 intermediate is 2 tiles instead of 6, so less halo is encoded twice
         (`infgen bench --pipeline`, docs/benchmarks.md)."""
         codec = self._require_codec()
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
