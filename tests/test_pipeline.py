@@ -251,7 +251,7 @@ def test_windows_use_the_whole_latents_base(codec_pipe):
     """The base is convolutional like the codec's decoder, so windows crop the base of the whole latent:
     with the tokens at zero a window decode is the codec's decode of the whole latent, resized (before,
     each window decoded its own base and its zero-padded edges showed in the owned pixels)."""
-    z = torch.randn(1, 4, 30, 41)                                            # 3 x 6 windows of 8 + 2 x 2
+    z = torch.randn(1, 4, 30, 41)                                            # 4 x 6 windows of 8 + 2 x 2
     ref = torch.nn.functional.interpolate(codec_pipe.codec.decode(z), (480, 656), mode="bicubic",
                                           align_corners=False).clamp(-1, 1)
     torch.testing.assert_close(codec_pipe.decode(z, 480, 656), ref, rtol=0, atol=1e-5)

@@ -4,8 +4,9 @@ A sample photo (default: the demo's dragonfly) is centre-cropped to 16:9 and shr
 area (344 x 192 for the bundled default: issue 16's reference input; `infgen demo` uses the sample's own
 size), then `InfGenPipeline.upscale` renders it at each size: encode, the extrapolation steps (decode +
 re-encode) beyond the trained scale, and the final decode, each timed (window decodes count in their
-step). In the same run, the one-pass decode of the same latent (`extrapolate=False`) for reference. fp32 and the automatic dtype (`precision.fast_dtype`), median of
---repeats after a warm-up. Writes OUT/pipeline.json and the section between the markers below of --doc.
+step). In the same run, the one-pass decode of the same latent (`extrapolate=False`) for reference. fp32
+and the automatic dtype (`precision.fast_dtype`), median of --repeats after a warm-up. Writes
+OUT/pipeline.json and the section between the markers below of --doc.
 """
 from __future__ import annotations
 
