@@ -97,7 +97,7 @@ def test_local_windows_equal_masked_full_attention(size, latent, rows, cols, max
     in_x = (lx[None] >= x0[:, None]) & (lx[None] < x0[:, None] + 3)          # (nc, w)
     mask = (in_y[:, None, :, None] & in_x[None, :, None, :]).reshape(len(ri) * len(ci), h * w)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    got = Windows.build(ri, ci, 8.0, H, W, h, w, 3).attend(q, k, v)
+    got = Windows.build((ri * 8 + 4) / H * h, (ci * 8 + 4) / W * w, h, w, 3).attend(q, k, v)
     torch.testing.assert_close(got, ref)
     # Seam-free windows: full attention over every latent token with the Hann-window bias of each key's
     # distance from the query's own coordinate (-inf beyond 1.5 cells) gives the same as the grouped form.
@@ -106,7 +106,7 @@ def test_local_windows_equal_masked_full_attention(size, latent, rows, cols, max
     bx = layers.hann_log_weight(px[:, None] - (lx[None] + 0.5), 1.5)           # (nc, w)
     bias = (by[:, None, :, None] + bx[None, :, None, :]).reshape(len(ri) * len(ci), h * w).double()
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    got = Windows.build(ri, ci, 8.0, H, W, h, w, 3, falloff=True).attend(q, k, v)
+    got = Windows.build(py, px, h, w, 3, falloff=True).attend(q, k, v)
     torch.testing.assert_close(got, ref)
 
 
@@ -126,7 +126,7 @@ def test_token_features_are_continuous_across_latent_cell_borders(falloff):
     with torch.no_grad():
         ctx = model.context(z)
         rows, cols = torch.arange(40, 41), torch.arange(0, W // 8)             # one row of tokens
-        f = model.tokens(ctx, H, W, rows, cols)[0]                             # (W/8, D)
+        f = model.tokens(ctx, (rows * 8 + 4) / H, (cols * 8 + 4) / W, (16, 16))[0]  # (W/8, D)
     step = (f[1:] - f[:-1]).norm(dim=-1)                                       # (W/8 - 1,) neighbour steps
     border = (cols[1:] % 16 == 0)                                              # pair straddles a cell border
     across, inside = step[border].max(), step[~border].max()

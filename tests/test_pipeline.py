@@ -6,7 +6,7 @@ from PIL import Image
 
 from infgen.checkpoint import CheckpointError
 from infgen import InfGenPipeline
-from infgen.pipeline import _fade, _owned, _window_starts, pil_to_tensor, tensor_to_pil
+from infgen.pipeline import _fades, _window_starts, pil_to_tensor, tensor_to_pil
 
 
 @pytest.fixture(scope="module")
@@ -46,33 +46,34 @@ def test_window_decode_shape_and_continuity(pipe):
     assert torch.isfinite(out).all() and out.abs().max() <= 1
 
 
-def _constant_decode(value, rendered):
-    """Stands in for InfGen.decode: `value` everywhere, of the requested region's size; records its pixels."""
-    def decode(z, h, w, *a, region=None, **k):
-        top, left, rows, cols = region or (0, 0, -(-h // 8), -(-w // 8))
-        size = (min(8 * (top + rows), h) - 8 * top, min(8 * (left + cols), w) - 8 * left)
-        rendered.append(size[0] * size[1])
-        return torch.full((z.shape[0], 3, *size), value)
-    return decode
+def _constant_tokens(value, rendered):
+    """Stands in for InfGen.tokens: `value` in every feature of every query; records how many it made."""
+    def tokens(ctx, ys, xs, cells):
+        rendered.append(len(ys) * len(xs))
+        return torch.full((ctx.kv[0][0].shape[0], len(ys) * len(xs), 32), value)
+    return tokens
 
 
 def test_window_blend_normalises_weights(pipe, monkeypatch):
-    """Every window decoding to the same constant must give that constant everywhere: windows cover the
-    image and the blend weights are normalised (no dark seams, no gaps)."""
-    monkeypatch.setattr(pipe.model, "decode", _constant_decode(0.3, []))
-    out = pipe._decode_windows(torch.randn(1, 4, 30, 41), 237, 331, None, False)
-    assert out.shape == (1, 3, 237, 331)
-    torch.testing.assert_close(out, torch.full_like(out, 0.3))
+    """Every window making the same constant features must give that constant in every cell: windows cover
+    the image and the blend weights sum to 1 (no dark seams, no gaps)."""
+    monkeypatch.setattr(pipe.model, "tokens", _constant_tokens(0.3, []))
+    z = torch.randn(1, 4, 30, 41)
+    features = pipe._window_features(z, pipe.model.base_image(z), 237, 331, False)
+    assert features.shape == (1, 30, 42, 32)                                # ceil(237 / 8) x ceil(331 / 8) cells
+    torch.testing.assert_close(features, torch.full_like(features, 0.3))
 
 
 def test_windows_render_only_what_they_own_plus_a_band(pipe, monkeypatch):
-    """The margins are context, not output: the windows together render little more than the image
-    (before: every window rendered its margins too, 2.40x the image here)."""
+    """The margins are context, not output: the windows' tokens together cover the image's cells once plus
+    the one-latent-cell bands (8-cell windows at ~1x here, so (8 + 2)^2 / 8^2 at most). Before the feature
+    map each window also decoded, and made the tokens of, a halo of 7 cells for its decoder."""
     rendered = []
-    monkeypatch.setattr(pipe.model, "decode", _constant_decode(0.0, rendered))
-    pipe._decode_windows(torch.randn(1, 4, 30, 41), 237, 331, None, False)
+    monkeypatch.setattr(pipe.model, "tokens", _constant_tokens(0.0, rendered))
+    z = torch.randn(1, 4, 30, 41)
+    pipe._window_features(z, pipe.model.base_image(z), 237, 331, False)
     assert len(rendered) == 4 * 6
-    assert sum(rendered) <= 1.7 * 237 * 331, sum(rendered) / (237 * 331)    # 1.63x (8-cell windows)
+    assert sum(rendered) <= 1.5 * 30 * 42, sum(rendered) / (30 * 42)  # 1.49x
 
 
 def test_window_fades_sum_to_one():
@@ -80,14 +81,15 @@ def test_window_fades_sum_to_one():
         starts = _window_starts(n, core)
         assert starts[0] == 0 and starts[-1] + core >= n
         assert all(b - a <= core for a, b in zip(starts, starts[1:]))
-        size = round(n * px)
-        owned = _owned(starts, px, size)
-        for band in (0, 1, round(px)):
-            total = torch.zeros(size)
-            for i, own in enumerate(owned):
-                lo, hi = max(own[0] - band, 0), min(own[1] + band, size)
-                total[lo:hi] += _fade(lo, hi, own, band, i > 0, i < len(owned) - 1)
-            torch.testing.assert_close(total, torch.ones(size), rtol=0, atol=1e-6)
+        centres = (torch.arange(round(n * px), dtype=torch.float64) + 0.5) / px    # in latent cells
+        for band in (0, 0.5, 1):
+            fades = _fades(centres, starts, n, band)
+            assert len(fades) == len(starts)
+            torch.testing.assert_close(sum(fades), torch.ones_like(centres), rtol=0, atol=1e-12)
+            edges = [float("-inf")] + starts[1:] + [float("inf")]
+            for f, lo, hi in zip(fades, edges, edges[1:]):                    # 1 inside, 0 beyond the bands
+                assert (f[(centres >= lo + band) & (centres < hi - band)] == 1).all()
+                assert (f[(centres < lo - band) | (centres >= hi + band)] == 0).all()
 
 
 def test_extrapolation_reaches_exact_size_through_reencoding(pipe, monkeypatch):
@@ -268,3 +270,54 @@ def test_a_base_of_the_wrong_size_is_refused(codec_pipe):
     plain = InfGen(InfGenConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="this model has no base decoder"):
         plain.decode(z, 96, 112, base=whole)
+
+
+def test_windows_place_their_tokens_where_the_one_pass_decode_does(codec_pipe):
+    """Windows stitch mask tokens computed in each window's own latent frame into one map of the whole
+    image. With nothing that tells windows apart (no latent self-attention, a constant positional
+    embedding) the stitched decode must equal the one-pass decode: query positions, scale, the seam-free
+    attention window's falloff, base and decoder all line up exactly (a query placed even a fraction of a
+    cell off in its window moves its attention weights)."""
+    from infgen import InfGen, InfGenConfig
+    torch.manual_seed(1)
+    ref = codec_pipe.model
+    model = InfGen(InfGenConfig.from_dict({**ref.config.to_dict(), "latent_depth": 0, "base_tokens": True})).eval()
+    model.base.load_state_dict(ref.base.state_dict())
+    torch.nn.init.normal_(model.decoder.conv_out.weight, std=0.3)             # a decoder that shows its tokens
+    for p in [model.inpe.mlp[-1].weight, model.inpe.mlp[-1].bias]:         # no position: windows look alike
+        torch.nn.init.zeros_(p)
+    torch.nn.init.normal_(model.base_in.weight, std=0.1)
+    pipe = InfGenPipeline(model, codec_pipe.codec, codec_pipe.info)
+    z = torch.randn(1, 4, 30, 41)                                            # 4 x 6 windows of 8 + 2 x 2
+    for size in [(480, 656), (237, 331)]:
+        one_pass = model.decode(z, *size)
+        tokens_part = one_pass - ref.decode(z, *size)                         # ref: the base alone
+        assert tokens_part.std() > 0.05 and (one_pass.abs() < 1).float().mean() > 0.99, tokens_part.std()
+        torch.testing.assert_close(pipe._decode_windows(z, *size, None, False), one_pass, rtol=0, atol=2e-5)
+
+
+def test_decoding_stored_features_is_exact_in_any_tiling(codec_pipe):
+    """decode_features renders the decoder half from stored mask tokens: with the one-pass tokens it gives
+    the one-pass decode, also in tiles of 3 cells (each tile's halo is cut from the stored map)."""
+    from infgen.layers import cell_centres
+    model, z = codec_pipe.model, torch.randn(1, 4, 6, 7)
+    torch.manual_seed(2)
+    saved = model.decoder.conv_out.weight.clone()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.decoder.conv_out.weight, std=0.3)         # tokens visible in the output
+    try:
+        with torch.no_grad():
+            ctx = model.context(z)
+            ys, xs = cell_centres(torch.arange(12), 8.0, 93), cell_centres(torch.arange(15), 8.0, 117)
+            features = model.tokens(ctx, ys, xs, (12 / 6, 15 / 7)).view(1, 12, 15, -1)
+        ref = model.decode(z, 93, 117)
+        for chunk in (None, 3):
+            torch.testing.assert_close(model.decode_features(features, ctx.base, 93, 117, chunk), ref,
+                                       rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"features must hold the 12 x 15 cells of a 93 x 117 image, got 12 x 14"):
+            model.decode_features(features[:, :, :14], ctx.base, 93, 117)
+        with pytest.raises(ValueError, match="base must be the latent's base image exactly when"):
+            model.decode_features(features, None, 93, 117)
+    finally:
+        with torch.no_grad():
+            model.decoder.conv_out.weight.copy_(saved)

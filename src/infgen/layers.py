@@ -168,20 +168,18 @@ class Windows:
     bias: Tensor | None = None        # (G_r * G_c, m_r * m_c, K) additive logit bias (falloff), or None
 
     @classmethod
-    def build(cls, rows: Tensor, cols: Tensor, out_cell: float, height: int, width: int,
-              h: int, w: int, size: int, falloff: bool = False) -> "Windows":
-        """rows, cols: ascending indices of the query cells (of size out_cell px) in a height x width image."""
-        def axis(idx: Tensor, extent: int, n: int):
+    def build(cls, ys: Tensor, xs: Tensor, h: int, w: int, size: int, falloff: bool = False) -> "Windows":
+        """ys, xs: ascending centres of the query rows and columns, in latent cells of the h x w latent."""
+        def axis(p: Tensor, n: int):
             k = min(size, n)
-            p = cell_centres(idx, out_cell, extent) * n                            # query, in latent cells
             centre = torch.floor(p).long()                                         # latent cell, ascending
             first = torch.ones_like(centre, dtype=torch.bool)
             first[1:] = centre[1:] != centre[:-1]
             group = first.cumsum(0) - 1                                            # (len,) group of each
-            pos = torch.arange(len(idx), device=idx.device) - first.nonzero().squeeze(1)[group]
+            pos = torch.arange(len(p), device=p.device) - first.nonzero().squeeze(1)[group]
             m = int(pos.max()) + 1
             start = (centre[first] - size // 2).clamp(0, n - k)
-            window = start[:, None] + torch.arange(k, device=idx.device)          # (G, k) latent cells
+            window = start[:, None] + torch.arange(k, device=p.device)            # (G, k) latent cells
             log_w = None
             if falloff:  # (G, m, k); empty slots sit on their window's first key (finite, never read)
                 slot_p = (window[:, :1] + 0.5).to(p.dtype).repeat(1, m)
@@ -189,8 +187,8 @@ class Windows:
                 log_w = hann_log_weight(slot_p[:, :, None] - (window[:, None, :] + 0.5), size / 2)
             return group * m + pos, window, m, log_w
 
-        slot_r, win_r, m_r, lw_r = axis(rows, height, h)
-        slot_c, win_c, m_c, lw_c = axis(cols, width, w)
+        slot_r, win_r, m_r, lw_r = axis(ys, h)
+        slot_c, win_c, m_c, lw_c = axis(xs, w)
         flat = win_r[:, None, :, None] * w + win_c[None, :, None, :]            # (G_r, G_c, k_r, k_c)
         G_r, G_c = win_r.shape[0], win_c.shape[0]
         bias = None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_module, save_module
 from .config import DEFAULT_MAX_PIXELS, InfGenConfig
-from .layers import INPE, ConvDecoder, CrossBlock, SelfBlock, Windows, grid_coords, resample
+from .layers import INPE, ConvDecoder, CrossBlock, SelfBlock, Windows, cell_centres, grid_coords, resample
 from .utils import progress_bar, trim_heap
 
 # Bytes of estimated activations per tile when chunk_size is None. `bytes_per_cell` overestimates (measured
@@ -127,20 +127,21 @@ class InfGen(nn.Module):
             x = self._run(block, x)
         return LatentContext([blk.kv(x) for blk in self.blocks], h, w, base)
 
-    def tokens(self, ctx: LatentContext, height: int, width: int, rows: Tensor, cols: Tensor) -> Tensor:
-        """Transformer half: features of the mask tokens of cells rows x cols (index tensors): (B, n, D)."""
-        dev = self.device
-        B = ctx.kv[0][0].shape[0]
-        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
-        q = self.mask_token + self.inpe(grid_coords(rows, cols, 8.0, height, width))  # (n, D)
+    def tokens(self, ctx: LatentContext, ys: Tensor, xs: Tensor, cells: tuple[float, float]) -> Tensor:
+        """Transformer half: features (B, len(ys) * len(xs), D) of the mask tokens centred at ys x xs.
+
+        ys, xs: ascending query centres as fractions of the latent's extent (0..1 spans its h, w cells), for
+        the cells of an output `cell_centres(rows, 8.0, height)`; the pipeline's windows place the cells of
+        the whole image in a window's latent. cells: output cells per latent cell on each
+        axis, what the scale embedding tells the tokens (how much detail to add)."""
+        q = self.mask_token + self.inpe(torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2))
         if self.scale_in is not None:
-            # log of output cells per latent cell on each axis: tells the tokens how much detail to add
-            s = torch.tensor([math.log(gh / ctx.h), math.log(gw / ctx.w)], device=dev, dtype=self.dtype)
+            s = torch.tensor([math.log(cells[0]), math.log(cells[1])], device=self.device, dtype=self.dtype)
             q = q + self.scale_in(s)
-        x = q.expand(B, -1, -1)                                                # (B, n, D)
+        x = q.expand(ctx.kv[0][0].shape[0], -1, -1)                            # (B, n, D)
         window = None
         if self.config.attn_window:
-            window = Windows.build(rows, cols, 8.0, height, width, ctx.h, ctx.w, self.config.attn_window,
+            window = Windows.build(ys * ctx.h, xs * ctx.w, ctx.h, ctx.w, self.config.attn_window,
                                    falloff=self.config.attn_window_falloff == "hann")
         for block, (k, v) in zip(self.blocks, ctx.kv):
             x = self._run(block, x, k, v, window)
@@ -157,29 +158,41 @@ class InfGen(nn.Module):
         result equals the same region of a full decode. halo=False (training only) decodes the region
         alone, its convolutions zero-padded at the region's edge like a patch-trained SR network's.
         """
-        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
-        rows, cols = (region[0], region[0] + region[2]), (region[1], region[1] + region[3])
-        margin = self.halo if halo else 0
-        r0, r1 = max(rows[0] - margin, 0), min(rows[1] + margin, gh)
-        c0, c1 = max(cols[0] - margin, 0), min(cols[1] + margin, gw)
-        ri, ci = torch.arange(r0, r1, device=self.device), torch.arange(c0, c1, device=self.device)
-        x = self.tokens(ctx, height, width, ri, ci)                            # (B, nr*nc, D)
-        base = None
-        if ctx.base is not None:  # the resized base at the decoded cells (per pixel: exact in any tiling)
-            base = resample(ctx.base, 8 * r0, 8 * c0, 8 * (r1 - r0), 8 * (c1 - c0), height, width)
+        r0, c0, r1, c1 = self._halo_box(region, height, width, self.halo if halo else 0)
+        dev = self.device
+        ys = cell_centres(torch.arange(r0, r1, device=dev), 8.0, height)     # fractions of the image
+        xs = cell_centres(torch.arange(c0, c1, device=dev), 8.0, width)
+        x = self.tokens(ctx, ys, xs, (math.ceil(height / 8) / ctx.h, math.ceil(width / 8) / ctx.w))
+        return self.paint(x.view(x.shape[0], r1 - r0, c1 - c0, -1), ctx.base, height, width, (r0, c0), region)
+
+    def paint(self, x: Tensor, base: Tensor | None, height: int, width: int, origin: tuple[int, int],
+              region: tuple[int, int, int, int]) -> Tensor:
+        """Decoder half: mask-token features x (B, nr, nc, D) of the cells from `origin` = (row, col) on ->
+        the pixels of `region` (inside them; see `render`), with the base image (the latent's, at 1x)
+        resized to (height, width) added. Cells of x outside the region are the decoder's halo."""
+        (r0, c0), (nr, nc) = origin, x.shape[1:3]
+        base_px = None
+        if base is not None:  # the resized base at the decoded cells (per pixel: exact in any tiling)
+            base_px = resample(base, 8 * r0, 8 * c0, 8 * nr, 8 * nc, height, width)
             if self.base_in is not None:                                       # each token sees its 8x8 px
-                x = x + self.base_in(F.pixel_unshuffle(base, 8).flatten(2).transpose(1, 2).to(x.dtype))
-        # (B, nr*nc, D) is already channels_last memory for (B, D, nr, nc): no copy, and oneDNN's bf16
-        # convolutions run ~2x faster in that layout on CPU (fp32: same speed).
-        x = x.reshape(x.shape[0], r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2)   # (B, D, nr, nc)
-        img = self.decoder(x.contiguous(memory_format=torch.channels_last))    # (B, 3, 8 nr, 8 nc)
-        top, left = 8 * (rows[0] - r0), 8 * (cols[0] - c0)
-        bottom = min(8 * rows[1], height) - 8 * r0
-        right = min(8 * cols[1], width) - 8 * c0
+                x = x + self.base_in(F.pixel_unshuffle(base_px, 8).permute(0, 2, 3, 1).to(x.dtype))
+        # (B, nr, nc, D) contiguous is already channels_last memory for (B, D, nr, nc): no copy, and oneDNN's
+        # bf16 convolutions run ~2x faster in that layout on CPU (fp32: same speed).
+        img = self.decoder(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))  # (B, 3, 8nr, 8nc)
+        top, left = 8 * (region[0] - r0), 8 * (region[1] - c0)
+        bottom = min(8 * (region[0] + region[2]), height) - 8 * r0
+        right = min(8 * (region[1] + region[3]), width) - 8 * c0
         img = img[:, :, top:bottom, left:right]
-        if base is not None:                                                   # residual over the resized base
-            img = img + base[:, :, top:bottom, left:right].to(img.dtype)
+        if base_px is not None:                                                # residual over the resized base
+            img = img + base_px[:, :, top:bottom, left:right].to(img.dtype)
         return img
+
+    def _halo_box(self, region: tuple[int, int, int, int], height: int, width: int,
+                  margin: int) -> tuple[int, int, int, int]:
+        """(r0, c0, r1, c1): the region's cells grown by `margin` cells, clipped to the output's grid."""
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        return (max(region[0] - margin, 0), max(region[1] - margin, 0),
+                min(region[0] + region[2] + margin, gh), min(region[1] + region[3] + margin, gw))
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -221,14 +234,42 @@ class InfGen(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
         top, left, rows, cols = self._check_region(region, gh, gw)
-        tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
         ctx = self.context(latents.to(self.device), base)
+        tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
+        return self._tiled(lambda r: self.render(ctx, height, width, r), latents.shape[0], height, width,
+                           (top, left, rows, cols), tile, progress)
+
+    @torch.inference_mode()
+    def decode_features(self, features: Tensor, base: Tensor | None, height: int, width: int,
+                        chunk_size: int | None = None, *, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                        progress: bool = False) -> Tensor:
+        """Images (B, 3, height, width) in [-1, 1] from stored mask-token features (B, ceil(height/8),
+        ceil(width/8), D), the transformer half done (the pipeline's windows stitch such a map); base: the
+        latent's base image (`base_image`), or None for a model without one. Tiled like `decode`, each tile
+        with the decoder's halo, so any tiling gives the same pixels."""
+        B, gh, gw = features.shape[:3]
+        if (gh, gw) != (math.ceil(height / 8), math.ceil(width / 8)):
+            raise ValueError(f"features must hold the {math.ceil(height / 8)} x {math.ceil(width / 8)} cells of a "
+                             f"{height} x {width} image, got {gh} x {gw}")
+        if (base is None) != (self.base is None):
+            raise ValueError("base must be the latent's base image exactly when the model has a base decoder")
+        tile = chunk_size or self.auto_chunk_size(B, memory_budget)
+
+        def paint(region):
+            r0, c0, r1, c1 = self._halo_box(region, height, width, self.halo)
+            return self.paint(features[:, r0:r1, c0:c1], base, height, width, (r0, c0), region)
+        return self._tiled(paint, B, height, width, (0, 0, gh, gw), tile, progress)
+
+    def _tiled(self, render, batch: int, height: int, width: int, region: tuple[int, int, int, int], tile: int,
+               progress: bool) -> Tensor:
+        """The region's pixels, clamped, rendered tile by tile: render((top, left, rows, cols)) -> pixels."""
+        top, left, rows, cols = region
         out_h, out_w = min(8 * (top + rows), height) - 8 * top, min(8 * (left + cols), width) - 8 * left
-        out = torch.empty(latents.shape[0], 3, out_h, out_w, dtype=self.dtype, device=self.device)
+        out = torch.empty(batch, 3, out_h, out_w, dtype=self.dtype, device=self.device)
         tiles = [(r, c) for r in range(top, top + rows, tile) for c in range(left, left + cols, tile)]
         bar = progress_bar(len(tiles), progress)
         for r, c in tiles:
-            pix = self.render(ctx, height, width, (r, c, min(tile, top + rows - r), min(tile, left + cols - c)))
+            pix = render((r, c, min(tile, top + rows - r), min(tile, left + cols - c)))
             y, x = 8 * (r - top), 8 * (c - left)
             out[:, :, y: y + pix.shape[2], x: x + pix.shape[3]] = pix.clamp_(-1, 1)
             del pix

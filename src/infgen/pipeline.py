@@ -7,9 +7,10 @@
 
 Beyond what one pass was trained for, `decode` goes through two mechanisms (method.md):
 - window decoding: a latent larger than the training latents is cut into windows with context margins,
-  each decoded as its own image (so it looks like a training example) but rendered only where it owns the
-  output, plus one latent cell cross-faded with its neighbours, so cost stays linear in output pixels and
-  no seams show (the base decoder, convolutional like the codec's, runs once on the whole latent);
+  each seen by the transformer as its own latent (so it looks like a training example); a window computes
+  the mask tokens of the output it owns, plus one latent cell cross-faded with its neighbours, into one
+  feature map that the decoder renders once, so cost stays linear in output pixels and no seams show (the
+  base decoder, convolutional like the codec's, runs once on the whole latent);
 - training-free extrapolation: an output scale above the trained range is reached in steps of at most
   `max_step_scale`: decode, re-encode with the frozen encoder, decode bigger.
 Every decode covers the image the latent was encoded from (`content`), not the encoder's padding to a
@@ -175,44 +176,49 @@ class InfGenPipeline:
         return self._decode_windows(z, height, width, chunk_size, progress)
 
     def _decode_windows(self, z: Tensor, height: int, width: int, chunk_size: int | None, progress: bool) -> Tensor:
-        """Overlapping latent windows, each decoded as its own image (core + `window_margin` cells of
-        context). A window renders only the output it owns (from its start to the next window's start)
-        plus a band of one latent cell on each side; neighbours cross-fade linearly across that band, so
-        the margins are seen as context but not rendered twice."""
+        """Overlapping latent windows (core + `window_margin` cells of context), each seen by the transformer
+        as its own latent, so that it looks like a training example. The windows' mask tokens are stitched
+        into one feature map of the whole image and the decoder runs once over it: a window computes only the
+        tokens it owns (from its start to the next window's start) plus a band of one latent cell on each
+        side, where neighbours cross-fade linearly. The base decoder, convolutional like the codec's, runs
+        once on the whole latent."""
+        model = self.model
+        z = z.to(self.device)
+        base = model.base_image(z)                                        # (B, 3, 8h, 8w) or None
+        features = self._window_features(z, base, height, width, progress)
+        return model.decode_features(features, base, height, width, chunk_size, progress=progress)
+
+    def _window_features(self, z: Tensor, base: Tensor | None, height: int, width: int,
+                         progress: bool) -> Tensor:
+        """The mask-token features of every 8x8 cell of the (height, width) output, (B, gh, gw, D), each from
+        the windows that own it (cross-faded across the bands between windows)."""
+        model = self.model
         B, _, h, w = z.shape
         core, m = self.info.train_latent, self.info.window_margin
-        sy, sx = height / h, width / w                                    # output px per latent cell
-        out = torch.zeros(B, 3, height, width, dtype=torch.float32, device=self.device)
-        weight = torch.zeros(1, 1, height, width, dtype=torch.float32, device=self.device)
-        # The base is convolutional, like the codec's decoder: decoded once for the whole latent, each window
-        # takes its crop (decoded per window, it was computed again in every overlap and cut at window edges).
-        base = self.model.base_image(z.to(self.device))                   # (B, 3, 8h, 8w) or None
-        ys, xs = _window_starts(h, core), _window_starts(w, core)
-        own_y, own_x = _owned(ys, sy, height), _owned(xs, sx, width)     # px each window is responsible for
-        band_y, band_x = round(sy * min(m, 1)), round(sx * min(m, 1))    # cross-fade half-width, px
-        bar = progress_bar(len(ys) * len(xs), progress, desc="windows", unit="window")
-        for i, y in enumerate(ys):
-            for j, x in enumerate(xs):
-                (ly0, ly1), (lx0, lx1) = _window(y, core, m, h), _window(x, core, m, w)  # with context
-                py0, py1 = round(ly0 * sy), round(ly1 * sy)               # its image's box in output pixels
-                px0, px1 = round(lx0 * sx), round(lx1 * sx)
-                rows = _cells(own_y[i], band_y, py0, py1)                 # rendered cells of the window image
-                cols = _cells(own_x[j], band_x, px0, px1)
-                if py1 <= py0 or px1 <= px0 or rows[1] <= rows[0] or cols[1] <= cols[0]:
-                    continue
+        gh, gw = math.ceil(height / 8), math.ceil(width / 8)
+        # Cell centres in latent cells of the whole latent (float64: 8K rows must not collapse).
+        cy = (torch.arange(gh, dtype=torch.float64) * 8 + 4) * h / height
+        cx = (torch.arange(gw, dtype=torch.float64) * 8 + 4) * w / width
+        features = torch.zeros(B, gh, gw, model.config.hidden_size, dtype=model.dtype, device=self.device)
+        starts_y, starts_x = _window_starts(h, core), _window_starts(w, core)
+        fades_y = _fades(cy, starts_y, h, min(m, 1))                      # per window: (gh,) weights
+        fades_x = _fades(cx, starts_x, w, min(m, 1))
+        bar = progress_bar(len(starts_y) * len(starts_x), progress, desc="windows", unit="window")
+        for y, fy in zip(starts_y, fades_y):
+            for x, fx in zip(starts_x, fades_x):
+                (ly0, ly1), (lx0, lx1) = _window(y, core, m, h), _window(x, core, m, w)
+                rows, cols = fy.nonzero().squeeze(1), fx.nonzero().squeeze(1)  # the cells it renders
                 crop = None if base is None else base[:, :, 8 * ly0:8 * ly1, 8 * lx0:8 * lx1]
-                tile = self.model.decode(z[:, :, ly0:ly1, lx0:lx1], py1 - py0, px1 - px0, chunk_size,
-                                         region=(rows[0], cols[0], rows[1] - rows[0], cols[1] - cols[0]),
-                                         max_pixels=None, base=crop)
-                y0, x0 = py0 + 8 * rows[0], px0 + 8 * cols[0]             # the tile's place in the output
-                y1, x1 = y0 + tile.shape[2], x0 + tile.shape[3]
-                ramp = (_fade(y0, y1, own_y[i], band_y, i > 0, i < len(ys) - 1)[:, None] *
-                        _fade(x0, x1, own_x[j], band_x, j > 0, j < len(xs) - 1)[None, :]).to(out.device)
-                out[:, :, y0:y1, x0:x1] += tile.float() * ramp
-                weight[:, :, y0:y1, x0:x1] += ramp
+                ctx = model.context(z[:, :, ly0:ly1, lx0:lx1], crop)
+                ys = ((cy[rows] - ly0) / (ly1 - ly0)).float().to(self.device)   # in the window's latent
+                xs = ((cx[cols] - lx0) / (lx1 - lx0)).float().to(self.device)
+                tok = model.tokens(ctx, ys, xs, (gh / h, gw / w)).view(B, len(rows), len(cols), -1)
+                ramp = (fy[rows, None] * fx[None, cols]).to(tok.dtype).to(self.device)[..., None]
+                r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+                features[:, r, c] += tok * ramp
                 bar.update(1)
         bar.close()
-        return (out / weight.clamp_min(1e-8)).clamp_(-1, 1).to(self.model.dtype)
+        return features
 
     # -- PIL convenience -----------------------------------------------------------------------------------
     def upscale(self, image: Image.Image, height: int, width: int, **kwargs) -> Image.Image:
@@ -293,25 +299,18 @@ def _window(start: int, core: int, margin: int, n: int) -> tuple[int, int]:
     return max(start - margin, 0), min(start + core + margin, n)
 
 
-def _owned(starts: list[int], px_per_cell: float, size: int) -> list[tuple[int, int]]:
-    """[start, end) output px of each window along one axis: from its start to the next one's."""
-    edges = [round(v * px_per_cell) for v in starts[1:]]
-    return list(zip([0] + edges, edges + [size]))
-
-
-def _cells(owned: tuple[int, int], band: int, box0: int, box1: int) -> tuple[int, int]:
-    """[first, last) 8x8 cells of a window image (at box0..box1 px) covering owned +- band px."""
-    n = -(-(box1 - box0) // 8)
-    return max((owned[0] - band - box0) // 8, 0), min(-(-(owned[1] + band - box0) // 8), n)
-
-
-def _fade(p0: int, p1: int, owned: tuple[int, int], band: int, fade_in: bool, fade_out: bool) -> Tensor:
-    """1-D blend weights of pixels p0..p1: 1 inside `owned`, linear across [edge - band, edge + band] at each
-    edge shared with a neighbour (whose weight is 1 minus this one there), 0 beyond."""
-    centre = torch.arange(p0, p1, dtype=torch.float64) + 0.5
-    r = torch.ones(p1 - p0, dtype=torch.float64)
-    if fade_in:
-        r = r * (((centre - owned[0] + band) / (2 * band)).clamp(0, 1) if band else (centre >= owned[0]).double())
-    if fade_out:
-        r = r * (((owned[1] + band - centre) / (2 * band)).clamp(0, 1) if band else (centre < owned[1]).double())
-    return r.float()
+def _fades(centres: Tensor, starts: list[int], n: int, band: float) -> list[Tensor]:
+    """Per window along one axis of n latent cells: the blend weight of each cell centre (in latent cells).
+    A window owns [its start, the next window's start); across a band of `band` latent cells on each side
+    of a shared edge its weight ramps linearly to 0 while the neighbour's ramps to 1, so at every centre
+    the windows' weights sum to 1."""
+    edges = [float(v) for v in starts[1:]]
+    fades = []
+    for lo, hi in zip([-math.inf] + edges, edges + [math.inf]):
+        r = torch.ones_like(centres)
+        if lo > -math.inf:
+            r = r * (((centres - lo + band) / (2 * band)).clamp(0, 1) if band else (centres >= lo).double())
+        if hi < math.inf:
+            r = r * (((hi + band - centres) / (2 * band)).clamp(0, 1) if band else (centres < hi).double())
+        fades.append(r)
+    return fades
