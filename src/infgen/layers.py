@@ -75,9 +75,12 @@ class INPE(nn.Module):
 
 
 class Mlp(nn.Sequential):
+    # Exact (erf) GELU: on this CPU PyTorch's bf16 tanh approximation runs 6.7x slower (62 vs 9.3 ms on an
+    # 18k x 512 map, ~20 % of the mask tokens' time) and fp32's 1.3x slower. The two differ by at most
+    # 4.7e-4, under bf16's own rounding (7.8e-3 at these values); the shipped weights were trained with tanh.
     def __init__(self, dim: int, ratio: float):
         hidden = int(dim * ratio)
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
 class SelfBlock(nn.Module):
