@@ -85,7 +85,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[3], 2 * latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:                                   # (B, 3, H, W)
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))     # see ConvDecoder.forward
         for level in self.levels:
             x = level(x)                                                      # halves H, W
         return self.conv_out(F.silu(self.mid(x)))                             # (B, 2C, H/8, W/8)
