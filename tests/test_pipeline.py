@@ -44,6 +44,8 @@ def test_window_decode_shape_and_continuity(pipe):
     out = pipe.decode(z, 240, 328)
     assert out.shape == (1, 3, 240, 328)
     assert torch.isfinite(out).all() and out.abs().max() <= 1
+    small = pipe.decode(z, 12, 20)                   # 2 x 3 cells for 4 x 6 windows: some own no cell
+    assert small.shape == (1, 3, 12, 20) and torch.isfinite(small).all()
 
 
 def _constant_tokens(value, rendered):
@@ -83,7 +85,7 @@ def test_window_fades_sum_to_one():
         assert all(b - a <= core for a, b in zip(starts, starts[1:]))
         centres = (torch.arange(round(n * px), dtype=torch.float64) + 0.5) / px    # in latent cells
         for band in (0, 0.5, 1):
-            fades = _fades(centres, starts, n, band)
+            fades = _fades(centres, starts, band)
             assert len(fades) == len(starts)
             torch.testing.assert_close(sum(fades), torch.ones_like(centres), rtol=0, atol=1e-12)
             edges = [float("-inf")] + starts[1:] + [float("inf")]

@@ -158,21 +158,21 @@ def test_decode_passes_are_the_pipelines(pipe, monkeypatch, in_size, out_size):
     """serve.decode_passes (pipeline.plan_passes, the schedule decode follows) names the passes and encodes
     that pipe.upscale makes, and pipeline.cells_read the latent cells they read."""
     seen, cells, encoded = [], [], []
-    decode_once, model_decode, encode = pipe._decode_once, pipe.model.decode, pipe.encode
+    decode_once, model_context, encode = pipe._decode_once, pipe.model.context, pipe.encode
 
     def once(z, h, w, *a, **k):
         seen.append((tuple(z.shape[-2:]), (h, w)))
         cells.append(0)
         return decode_once(z, h, w, *a, **k)
 
-    def model(z, *a, **k):  # one call per window (or one for the whole latent)
+    def context(z, *a, **k):  # one call per window (or one for the whole latent)
         cells[-1] += z.shape[-2] * z.shape[-1]
-        return model_decode(z, *a, **k)
+        return model_context(z, *a, **k)
     def enc(images, *a, **k):
         encoded.append(tuple(images.shape[-2:]))
         return encode(images, *a, **k)
     monkeypatch.setattr(pipe, "_decode_once", once)
-    monkeypatch.setattr(pipe.model, "decode", model)
+    monkeypatch.setattr(pipe.model, "context", context)
     monkeypatch.setattr(pipe, "encode", enc)
     (iw, ih), (ow, oh) = in_size, out_size
     pipe.upscale(Image.new("RGB", in_size), oh, ow)

@@ -132,8 +132,8 @@ class InfGen(nn.Module):
 
         ys, xs: ascending query centres as fractions of the latent's extent (0..1 spans its h, w cells), for
         the cells of an output `cell_centres(rows, 8.0, height)`; the pipeline's windows place the cells of
-        the whole image in a window's latent. cells: output cells per latent cell on each
-        axis, what the scale embedding tells the tokens (how much detail to add)."""
+        the whole image in a window's latent. cells: output cells per latent cell on each axis, what the
+        scale embedding tells the tokens (how much detail to add)."""
         q = self.mask_token + self.inpe(torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2))
         if self.scale_in is not None:
             s = torch.tensor([math.log(cells[0]), math.log(cells[1])], device=self.device, dtype=self.dtype)
@@ -224,8 +224,8 @@ class InfGen(nn.Module):
         pixels [8 top, 8 (top + rows)) x [8 left, 8 (left + cols)) cut at the image's edge; equal to the
         same crop of the whole decode, at the cost of the crop (the pipeline's windows use it).
         max_pixels: refuse outputs above this many pixels per image (None lifts the cap).
-        base: the latents' base image (`base_image`) when the caller already has it, e.g. a window's crop of
-        a larger latent's (the base is convolutional: decoded whole, it sees past the window's edge).
+        base: the latents' base image (`base_image`) when the caller already has it, e.g. the crop of a
+        larger latent's (the base is convolutional: decoded whole, a crop of it sees past the crop's edge).
         """
         check_latents(latents, self.config.latent_channels)
         height, width = check_size(height, width, max_pixels)

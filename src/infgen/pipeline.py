@@ -201,13 +201,16 @@ class InfGenPipeline:
         cx = (torch.arange(gw, dtype=torch.float64) * 8 + 4) * w / width
         features = torch.zeros(B, gh, gw, model.config.hidden_size, dtype=model.dtype, device=self.device)
         starts_y, starts_x = _window_starts(h, core), _window_starts(w, core)
-        fades_y = _fades(cy, starts_y, h, min(m, 1))                      # per window: (gh,) weights
-        fades_x = _fades(cx, starts_x, w, min(m, 1))
+        fades_y = _fades(cy, starts_y, min(m, 1))                      # per window: (gh,) weights
+        fades_x = _fades(cx, starts_x, min(m, 1))
         bar = progress_bar(len(starts_y) * len(starts_x), progress, desc="windows", unit="window")
         for y, fy in zip(starts_y, fades_y):
             for x, fx in zip(starts_x, fades_x):
                 (ly0, ly1), (lx0, lx1) = _window(y, core, m, h), _window(x, core, m, w)
                 rows, cols = fy.nonzero().squeeze(1), fx.nonzero().squeeze(1)  # the cells it renders
+                if len(rows) == 0 or len(cols) == 0:                      # an output smaller than the windows
+                    bar.update(1)
+                    continue
                 crop = None if base is None else base[:, :, 8 * ly0:8 * ly1, 8 * lx0:8 * lx1]
                 ctx = model.context(z[:, :, ly0:ly1, lx0:lx1], crop)
                 ys = ((cy[rows] - ly0) / (ly1 - ly0)).float().to(self.device)   # in the window's latent
@@ -299,8 +302,8 @@ def _window(start: int, core: int, margin: int, n: int) -> tuple[int, int]:
     return max(start - margin, 0), min(start + core + margin, n)
 
 
-def _fades(centres: Tensor, starts: list[int], n: int, band: float) -> list[Tensor]:
-    """Per window along one axis of n latent cells: the blend weight of each cell centre (in latent cells).
+def _fades(centres: Tensor, starts: list[int], band: float) -> list[Tensor]:
+    """Per window along one axis of a latent: the blend weight of each cell centre (in latent cells).
     A window owns [its start, the next window's start); across a band of `band` latent cells on each side
     of a shared edge its weight ramps linearly to 0 while the neighbour's ramps to 1, so at every centre
     the windows' weights sum to 1."""
