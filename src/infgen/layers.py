@@ -123,7 +123,9 @@ class CrossBlock(nn.Module):
         B, L, D = latent.shape
         kv = self.kv_proj(self.norm_kv(latent)).view(B, L, 2, self.heads, D // self.heads)
         kv = kv.permute(2, 0, 3, 1, 4)                                        # (2, B, H, L, Dh)
-        return kv[0], kv[1]
+        # Contiguous (once per decode, L x D): the windows gather from them once per tile, 3x faster
+        # than from the permuted view (Windows.attend).
+        return kv[0].contiguous(), kv[1].contiguous()
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, window: Windows | None = None) -> Tensor:
         B, N, D = x.shape                                                     # (B, N, D)
@@ -210,8 +212,9 @@ class Windows:
         qp[slots] = q.view(B, H, nr, nc, Dh)                                  # empty slots stay 0
         qp = qp.view(B, H, G_r, m_r, G_c, m_c, Dh).transpose(3, 4)
         qp = qp.reshape(B, H * G_r * G_c, m_r * m_c, Dh)                      # (B, H*G, m, Dh)
-        kw = k[:, :, self.kv_index].flatten(1, 2)                             # (B, H*G, K, Dh)
-        vw = v[:, :, self.kv_index].flatten(1, 2)
+        index = self.kv_index.flatten()                                      # index_select: ~1.25x faster
+        kw = k.index_select(2, index).view(B, H * G_r * G_c, -1, Dh)          # (B, H*G, K, Dh)
+        vw = v.index_select(2, index).view(B, H * G_r * G_c, -1, Dh)
         bias = None
         if self.bias is not None:                                             # same for every batch and head
             bias = self.bias.to(q.dtype)[None].expand(H, -1, -1, -1).reshape(1, H * G_r * G_c, m_r * m_c, -1)
