@@ -279,9 +279,10 @@ class ConvDecoder(nn.Module):
         self.radius_px = 8 + sum(s * (2 * blocks + 0) + s // 2 for s in (8, 4, 2)) + 1
 
     def forward(self, x: Tensor) -> Tensor:                                   # (B, D, h8, w8)
-        # channels_last: the same numbers, and oneDNN's bf16 convolutions run ~3x faster in that layout on
-        # this CPU (the codec's decoder on a 190 x 340 latent: 2.58 -> 0.87 s; fp32 about the same speed).
-        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))                                                   # (B, c0, h8, w8)
+        # channels_last: the same numbers, and oneDNN's convolutions run faster in that layout on this CPU
+        # (bf16: InfGen's base, a copy of the codec's decoder, on a 190 x 340 latent 2.58 -> 0.87 s; fp32
+        # gains less, e.g. the 8K pipeline's re-encode 5.15 -> 2.86 s; docs/benchmarks.md).
+        x = self.conv_in(x.contiguous(memory_format=torch.channels_last))     # (B, c0, h8, w8)
         for level in self.levels:
             x = level["blocks"](x)
             x = upsample_conv(level["up"], x)                                 # (B, c, 2h, 2w)
