@@ -212,3 +212,17 @@ def test_pipeline_bench_times_every_stage_of_the_user_path(tmp_path, tiny_bundle
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n") and text.count(bench_pipeline.DOC_BEGIN) == 1
     assert "| fp32" in text and "| 256x144 |" in text
+
+
+def test_a_bundle_that_is_not_small_times_the_preset(capsys):
+    """The shipped bundle is `small` + a base decoder on 16-channel latents: the default bench times the
+    `small` preset (it stopped with an error before), while an explicit --checkpoint of another
+    architecture is still refused."""
+    from argparse import Namespace
+    from infgen.pipeline import DEFAULT_BUNDLE
+    o = Namespace(checkpoint=None, quick=False, presets=["small"], baselines=[], latent=64)
+    (spec,) = bench._specs(o)
+    assert spec["preset"] == "small" and spec["weights"] is None
+    assert "not the `small` preset; timing `small` with random weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="its config is not the `small` preset"):
+        bench._specs(Namespace(**{**vars(o), "checkpoint": str(DEFAULT_BUNDLE)}))
