@@ -262,16 +262,19 @@ def test_windows_use_the_whole_latents_base(codec_pipe):
 
 
 def test_a_base_of_the_wrong_size_is_refused(codec_pipe):
-    z = torch.randn(1, 4, 6, 7)
+    """InfGen.context takes a base image the caller already has (the pipeline's windows pass their crop of
+    the whole latent's): checked, and the same pixels as the base it decodes itself."""
+    model, z = codec_pipe.model, torch.randn(1, 4, 6, 7)
     with pytest.raises(ValueError, match=r"base must be the base image of the 6 x 7 latent"):
-        codec_pipe.model.decode(z, 96, 112, base=torch.zeros(1, 3, 40, 56))
-    whole = codec_pipe.model.base_image(z)
-    torch.testing.assert_close(codec_pipe.model.decode(z, 96, 112, base=whole), codec_pipe.model.decode(z, 96, 112),
-                               rtol=0, atol=0)
+        model.context(z, torch.zeros(1, 3, 40, 56))
+    whole = model.base_image(z)
+    with torch.no_grad():
+        given, own = (model.render(ctx, 96, 112, (0, 0, 12, 14)) for ctx in (model.context(z, whole), model.context(z)))
+    torch.testing.assert_close(given, own, rtol=0, atol=0)
     from infgen import InfGen, InfGenConfig
     plain = InfGen(InfGenConfig.preset("tiny")).eval()
     with pytest.raises(ValueError, match="this model has no base decoder"):
-        plain.decode(z, 96, 112, base=whole)
+        plain.context(z, whole)
 
 
 def test_windows_place_their_tokens_where_the_one_pass_decode_does(codec_pipe):

@@ -214,8 +214,7 @@ class InfGen(nn.Module):
     @torch.inference_mode()
     def decode(self, latents: Tensor, height: int, width: int, chunk_size: int | None = None, *,
                region: tuple[int, int, int, int] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET, base: Tensor | None = None,
-               progress: bool = False) -> Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = False) -> Tensor:
         """Decode raw (unscaled) latents (B, C, h, w) to images (B, 3, height, width) in [-1, 1].
 
         chunk_size: side of a tile in 8x8 output cells; None picks the largest tile whose activations fit
@@ -224,8 +223,6 @@ class InfGen(nn.Module):
         pixels [8 top, 8 (top + rows)) x [8 left, 8 (left + cols)) cut at the image's edge; equal to the
         same crop of the whole decode, at the cost of the crop (the pipeline's windows use it).
         max_pixels: refuse outputs above this many pixels per image (None lifts the cap).
-        base: the latents' base image (`base_image`) when the caller already has it, e.g. the crop of a
-        larger latent's (the base is convolutional: decoded whole, a crop of it sees past the crop's edge).
         """
         check_latents(latents, self.config.latent_channels)
         height, width = check_size(height, width, max_pixels)
@@ -233,7 +230,7 @@ class InfGen(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         gh, gw = math.ceil(height / 8), math.ceil(width / 8)
         top, left, rows, cols = self._check_region(region, gh, gw)
-        ctx = self.context(latents.to(self.device), base)
+        ctx = self.context(latents.to(self.device))
         tile = chunk_size or self.auto_chunk_size(latents.shape[0], memory_budget)
         return self._tiled(lambda r: self.render(ctx, height, width, r), latents.shape[0], height, width,
                            (top, left, rows, cols), tile, progress)
