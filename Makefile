@@ -77,9 +77,21 @@ train-default: photos
 		--set model.warm_start=runs/infgen-16ch-d/final --set "model.overrides.base_channels=[128,96,48,24]" \
 		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2000 \
 		--set train.max_steps=2000 --set loss.gan_start=200
+	# F: E continued the same way (1,500 steps)
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-f --resume \
+		--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
+		--set model.warm_start=runs/infgen-16ch-e/final --set "model.overrides.base_channels=[128,96,48,24]" \
+		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=1500 \
+		--set train.max_steps=1500 --set loss.gan_start=200
+	# G: F continued with twice the GAN weight and the perceptual loss on 2 of the 4 regions
+	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-g --resume \
+		--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
+		--set model.warm_start=runs/infgen-16ch-f/final --set "model.overrides.base_channels=[128,96,48,24]" \
+		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2000 \
+		--set train.max_steps=2000 --set loss.gan_start=200 --set loss.gan_weight=0.2 --set loss.perceptual_samples=2
 	# extrapolation steps of up to 4x, the trained range (the paper's ~2x steps: within 0.05 dB on the
 	# validation split and twice the passes; docs/benchmarks.md, scripts/pipeline_quality.py)
-	$(BIN)/infgen bundle --infgen runs/infgen-16ch-e/final --codec checkpoints/autoencoder-16ch-c2 \
+	$(BIN)/infgen bundle --infgen runs/infgen-16ch-g/final --codec checkpoints/autoencoder-16ch-c2 \
 		--out src/infgen/assets/default --train-latent 32 --max-scale 4 --max-step-scale 4
 
 # The evaluation table in the README (needs `make photos`).
