@@ -45,6 +45,10 @@ photos: $(VENV)/.installed-dev
 # CPU in the background; each command continues its own run with --resume after a stop. The first bundled
 # default (4-channel codec, commit 1704529) was trained by this target as it stood at that commit.
 FIRST_BUNDLE := 1704529
+CONTINUE := $(BIN)/infgen train --config configs/infgen-16ch.yaml --resume \
+	--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
+	--set "model.overrides.base_channels=[128,96,48,24]" --set model.overrides.base_tokens=true \
+	--set optim.warmup_steps=50 --set loss.gan_start=200
 train-default: photos
 	$(BIN)/infgen data cache data/splits/train.txt --root data/photos --cache data/cache
 	$(BIN)/infgen train --config configs/autoencoder-16ch.yaml --resume     # committed: checkpoints/autoencoder-16ch
@@ -71,24 +75,15 @@ train-default: photos
 		--set codec=checkpoints/autoencoder-16ch-c2 --set model.warm_start=runs/infgen-16ch-c/final \
 		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2500 \
 		--set train.max_steps=2500 --set loss.gan_start=1000
-	# E: D's weights continued as they are (the tokens' last layer kept), the GAN from step 200
-	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-e --resume \
-		--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
-		--set model.warm_start=runs/infgen-16ch-d/final --set "model.overrides.base_channels=[128,96,48,24]" \
-		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2000 \
-		--set train.max_steps=2000 --set loss.gan_start=200
-	# F: E continued the same way (1,500 steps)
-	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-f --resume \
-		--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
-		--set model.warm_start=runs/infgen-16ch-e/final --set "model.overrides.base_channels=[128,96,48,24]" \
-		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=1500 \
-		--set train.max_steps=1500 --set loss.gan_start=200
-	# G: F continued with twice the GAN weight and the perceptual loss on 2 of the 4 regions
-	$(BIN)/infgen train --config configs/infgen-16ch.yaml --output runs/infgen-16ch-g --resume \
-		--set codec=checkpoints/autoencoder-16ch-c2 --set model.base_from_codec=false \
-		--set model.warm_start=runs/infgen-16ch-f/final --set "model.overrides.base_channels=[128,96,48,24]" \
-		--set model.overrides.base_tokens=true --set optim.warmup_steps=50 --set optim.decay_steps=2000 \
-		--set train.max_steps=2000 --set loss.gan_start=200 --set loss.gan_weight=0.2 --set loss.perceptual_samples=2
+	# E, F, G: each continues the last one's EMA weights as they are (the tokens' last layer kept), a fresh
+	# cosine from 2e-4, the GAN from step 200
+	$(CONTINUE) --output runs/infgen-16ch-e --set model.warm_start=runs/infgen-16ch-d/final \
+		--set optim.decay_steps=2000 --set train.max_steps=2000
+	$(CONTINUE) --output runs/infgen-16ch-f --set model.warm_start=runs/infgen-16ch-e/final \
+		--set optim.decay_steps=1500 --set train.max_steps=1500
+	# G: twice the GAN weight and the perceptual loss on 2 of the 4 regions
+	$(CONTINUE) --output runs/infgen-16ch-g --set model.warm_start=runs/infgen-16ch-f/final \
+		--set optim.decay_steps=2000 --set train.max_steps=2000 --set loss.gan_weight=0.2 --set loss.perceptual_samples=2
 	# extrapolation steps of up to 4x, the trained range (the paper's ~2x steps: within 0.05 dB on the
 	# validation split and twice the passes; docs/benchmarks.md, scripts/pipeline_quality.py)
 	$(BIN)/infgen bundle --infgen runs/infgen-16ch-g/final --codec checkpoints/autoencoder-16ch-c2 \
