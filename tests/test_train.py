@@ -142,6 +142,33 @@ def test_warm_start_copies_matching_tensors(tmp_path):
     torch.testing.assert_close(target.latent_in.weight, fresh, rtol=0, atol=0)
 
 
+def test_deeper_decoder_grown_on_a_frozen_encoder(tmp_path, images, codec_dir):
+    """model.warm_start into decoder_blocks=2 + model.freeze_encoder: step 0 decodes exactly as the
+    checkpoint (the new residual blocks start as the identity); training moves the decoder only, so the
+    latent space, and every InfGen trained on it, stays the checkpoint's."""
+    from infgen.train import build_autoencoder
+    source = KLAutoencoder.from_pretrained(codec_dir)
+    cfg = load_config(None, ["kind=autoencoder", "model.preset=tiny", "model.overrides.decoder_blocks=2",
+                             f"model.warm_start={codec_dir}", "model.freeze_encoder=true"])
+    grown = build_autoencoder(cfg.model, resuming=False, say=False)
+    assert len(grown.decoder.levels[0]["blocks"]) == 2 and len(grown.encoder.mid) == 1
+    z = torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.decode(z), source.decode(z), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(grown.decoder.levels[0]["blocks"][1].conv1.weight, torch.zeros(()))
+
+    run = ae_run_config(images, max_steps=2, ckpt_every=2)
+    run["model"].update(overrides={"decoder_blocks": 2}, warm_start=str(codec_dir), freeze_encoder=True)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", run)), "--output", str(out)]) == 0
+    trained, before = load_file(out / "final" / "model.safetensors"), source.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in before.items() if k.startswith("encoder."))
+    assert not torch.equal(trained["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    assert KLAutoencoder.from_pretrained(out / "final").config.decoder_blocks == 2
+    with pytest.raises(ValueError, match="model.freeze_encoder keeps a trained autoencoder's encoder"):
+        load_config(None, ["kind=autoencoder", "model.freeze_encoder=true"])
+
+
 def test_base_from_codec_starts_at_codec_plus_bicubic(tmp_path, images, codec_dir):
     """model.base_from_codec: the base is the codec's decoder (then trained), the rest warm-started."""
     cfg = infgen_config(images, codec_dir, max_steps=1)
@@ -156,6 +183,28 @@ def test_base_from_codec_starts_at_codec_plus_bicubic(tmp_path, images, codec_di
     with torch.no_grad():
         ref = torch.nn.functional.interpolate(ae.decode(z), (48, 72), mode="bicubic", align_corners=False)
     torch.testing.assert_close(model.decode(z, 48, 72), ref.clamp(-1, 1), rtol=0, atol=1e-5)
+
+
+def test_base_from_codec_can_keep_a_warm_starts_residual(tmp_path, codec_dir):
+    """model.keep_residual: a trained InfGen moved onto a deeper decoder of its latent space keeps its
+    tokens' last layer; only the base changes (to the new decoder, exactly)."""
+    from infgen.train import build_infgen
+    from infgen.codecs import load_codec
+    deeper = KLAutoencoder(AutoencoderConfig.preset("tiny", decoder_blocks=2))
+    deeper.save_pretrained(tmp_path / "deeper")
+    trained = InfGen(InfGenConfig.preset("tiny", base_channels=(16, 16, 16, 8), base_blocks=1))
+    torch.nn.init.normal_(trained.decoder.conv_out.weight)
+    trained.save_pretrained(tmp_path / "trained")
+    for keep in (True, False):
+        cfg = load_config(None, [f"codec={tmp_path / 'deeper'}", "model.preset=tiny", "model.base_from_codec=true",
+                                 f"model.warm_start={tmp_path / 'trained'}", f"model.keep_residual={keep}"])
+        model = build_infgen(cfg, load_codec(cfg.codec, "cpu"), resuming=False, say=False)
+        assert model.config.base_blocks == 2
+        assert torch.equal(model.decoder.conv_out.weight,
+                           trained.decoder.conv_out.weight if keep else torch.zeros_like(model.decoder.conv_out.weight))
+        assert all(torch.equal(v, deeper.decoder.state_dict()[k]) for k, v in model.base.state_dict().items())
+    with pytest.raises(ValueError, match="model.keep_residual keeps a warm start's residual"):
+        load_config(None, ["model.keep_residual=true", "model.base_from_codec=true"])
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, images, codec_dir, capsys):
@@ -215,8 +264,8 @@ def test_set_overrides_and_yaml_floats(tmp_path):
     assert cfg.train.mixed_precision == "no" and cfg.data.cache is None and cfg.codec == "off"
     assert cfg.train.cpu is True
     # a key that one kind ignores is refused for it, not silently dropped
-    with pytest.raises(ValueError, match="model.warm_start is implemented for kind: infgen only.*init_from"):
-        load_config(path, ["kind=autoencoder", "model.warm_start=checkpoints/autoencoder-16ch"])
+    with pytest.raises(ValueError, match="model.freeze_encoder keeps a trained autoencoder's encoder"):
+        load_config(path, ["model.freeze_encoder=true", "model.warm_start=checkpoints/autoencoder-16ch"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

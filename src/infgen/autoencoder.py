@@ -26,6 +26,8 @@ class AutoencoderConfig:
     encoder_channels: tuple[int, ...] = (24, 48, 96, 128)   # widths at 1, 1/2, 1/4, 1/8
     decoder_channels: tuple[int, ...] = (128, 96, 48, 24)   # widths at 1/8, 1/4, 1/2, 1
     blocks: int = 1                                         # residual blocks per level
+    decoder_blocks: int | None = None   # the decoder's, when it differs (a deeper decoder grown on a trained
+                                        # encoder; None: `blocks`)
     scaling_factor: float = 1.0   # set after training to 1/std of the latents (diffusers convention)
     shift_factor: float = 0.0     # set after training to the latents' mean
 
@@ -40,6 +42,8 @@ class AutoencoderConfig:
             raise ValueError(f"AutoencoderConfig.latent_channels must be a positive int, got {self.latent_channels!r}")
         if not isinstance(self.blocks, int) or self.blocks < 0:
             raise ValueError(f"AutoencoderConfig.blocks must be an int >= 0, got {self.blocks!r}")
+        if self.decoder_blocks is not None and (not isinstance(self.decoder_blocks, int) or self.decoder_blocks < 0):
+            raise ValueError(f"AutoencoderConfig.decoder_blocks must be None or an int >= 0, got {self.decoder_blocks!r}")
         for name in ("scaling_factor", "shift_factor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -59,6 +63,11 @@ class AutoencoderConfig:
         if name not in presets:
             raise ValueError(f"unknown autoencoder preset {name!r}; expected one of {sorted(presets)}")
         return cls.from_dict({**presets[name], **overrides})
+
+    @property
+    def decoder_depth(self) -> int:
+        """Residual blocks per level of the decoder."""
+        return self.blocks if self.decoder_blocks is None else self.decoder_blocks
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -96,7 +105,7 @@ class KLAutoencoder(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config.encoder_channels, config.blocks, config.latent_channels)
-        self.decoder = ConvDecoder(config.latent_channels, config.decoder_channels, config.blocks)
+        self.decoder = ConvDecoder(config.latent_channels, config.decoder_channels, config.decoder_depth)
 
     @property
     def latent_channels(self) -> int:

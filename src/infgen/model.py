@@ -65,10 +65,11 @@ class InfGen(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     @torch.no_grad()
-    def init_base_from(self, decoder: ConvDecoder) -> None:
+    def init_base_from(self, decoder: ConvDecoder, keep_residual: bool = False) -> None:
         """Start from the codec's decoder: copy it (a ConvDecoder of raw latents, e.g. KLAutoencoder.decoder)
         into the base and zero the mask tokens' last layer, so that before any training a decode at any
-        size is the codec's decode bicubically resized (the paper's baseline), exactly.
+        size is the codec's decode bicubically resized (the paper's baseline), exactly. keep_residual: leave
+        the last layer as it is (a trained model moved onto a better decoder of the same latent space).
 
         Why (ours): trained from scratch on a CPU budget, transformer + decoder stayed ~6 dB below the
         codec's own decoder at 1x after 2,500 steps (soft blobs). Feeding the decoder a bilinearly upsampled
@@ -87,8 +88,9 @@ class InfGen(nn.Module):
                              f"base_blocks={self.config.base_blocks} (first mismatch: {first}); "
                              "set them to the codec's decoder_channels and blocks")
         self.base.load_state_dict(src)
-        nn.init.zeros_(self.decoder.conv_out.weight)
-        nn.init.zeros_(self.decoder.conv_out.bias)
+        if not keep_residual:
+            nn.init.zeros_(self.decoder.conv_out.weight)
+            nn.init.zeros_(self.decoder.conv_out.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

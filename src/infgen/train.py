@@ -40,6 +40,7 @@ from .autoencoder import AutoencoderConfig, KLAutoencoder
 from .checkpoint import atomic_save_safetensors, atomic_write_bytes, load_safetensors
 from .config import InfGenConfig
 from .images import tensor_to_pil
+from .layers import ResBlock
 from .losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from .model import InfGen
 from .perceptual import PerceptualLoss
@@ -127,7 +128,7 @@ def build_nets(cfg: TrainConfig, device, resuming: bool, say: bool) -> Nets:
         codec = load_codec(cfg.codec, device)
         model = build_infgen(cfg, codec, resuming, say)
     else:
-        model = build_autoencoder(cfg.model)
+        model = build_autoencoder(cfg.model, resuming, say)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     perceptual, disc = build_loss_nets(cfg.loss, device)
     opt, d_opt = build_optimizers(model, disc, cfg.optim)
@@ -157,15 +158,24 @@ def build_infgen(cfg: TrainConfig, codec, resuming: bool, say: bool) -> InfGen:
             print(f"infgen train: warm start from {cfg.model.warm_start}: {len(copied)} tensors copied, "
                   f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
     if cfg.model.base_from_codec and not resuming and not cfg.model.init_from:
-        model.init_base_from(codec.autoencoder.decoder)
+        model.init_base_from(codec.autoencoder.decoder, keep_residual=cfg.model.keep_residual)
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     return model
 
 
-def build_autoencoder(model_cfg: ModelConfig) -> KLAutoencoder:
+def build_autoencoder(model_cfg: ModelConfig, resuming: bool, say: bool) -> KLAutoencoder:
     if model_cfg.init_from:
-        return KLAutoencoder.from_pretrained(model_cfg.init_from).train()
-    return KLAutoencoder(AutoencoderConfig.preset(model_cfg.preset, **model_cfg.overrides))
+        model = KLAutoencoder.from_pretrained(model_cfg.init_from).train()
+    else:
+        model = KLAutoencoder(AutoencoderConfig.preset(model_cfg.preset, **model_cfg.overrides))
+    if model_cfg.warm_start and not resuming:
+        copied, skipped = warm_start(model, model_cfg.warm_start)
+        if say:
+            print(f"infgen train: warm start from {model_cfg.warm_start}: {len(copied)} tensors copied, "
+                  f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
+    if model_cfg.freeze_encoder:      # the latent space stays the checkpoint's: models trained on it still fit
+        model.encoder.requires_grad_(False)
+    return model
 
 
 def build_loss_nets(loss: LossConfig, device) -> tuple[PerceptualLoss | None, NLayerDiscriminator | None]:
@@ -181,7 +191,8 @@ def build_optimizers(model: nn.Module, disc: nn.Module | None, optim: OptimConfi
     """AdamW with weight decay on matrices and conv kernels only (nanoGPT); the critic's, constant lr."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=tuple(optim.betas))
     d_opt = (torch.optim.AdamW(disc.parameters(), lr=optim.disc_lr or optim.lr, betas=(0.5, 0.9))  # taming's betas
@@ -197,7 +208,7 @@ def base_shape(cfg: TrainConfig, codec) -> dict:
     if ae is None:
         raise ValueError(f"model.base_from_codec needs a KLAutoencoder codec (its decoder is copied); "
                          f"{cfg.codec} is a {type(codec).__name__}")
-    return dict(base_channels=ae.config.decoder_channels, base_blocks=ae.config.blocks)
+    return dict(base_channels=ae.config.decoder_channels, base_blocks=ae.config.decoder_depth)
 
 
 def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
@@ -208,7 +219,18 @@ def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str
     copied = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
     skipped = sorted(set(own) - set(copied))
     module.load_state_dict({k: state[k] for k in copied}, strict=False)
+    grow_identity(module, set(skipped))
     return copied, skipped
+
+
+@torch.no_grad()
+def grow_identity(module: nn.Module, fresh: set[str]) -> None:
+    """Residual blocks none of whose tensors were copied start as the identity (their last convolution
+    zeroed): a deeper decoder warm-started from a shallower one computes at step 0 what the checkpoint did."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, ResBlock) and all(f"{name}.{k}" in fresh for k, _ in sub.named_parameters()):
+            nn.init.zeros_(sub.conv2.weight)
+            nn.init.zeros_(sub.conv2.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class ModelConfig:
                                      # the rest keep their initialisation (both lists are printed)
     base_from_codec: bool = False    # infgen: a base decoder copied from the codec's (a KLAutoencoder), so
                                      # training starts at codec + bicubic (InfGen.init_base_from)
+    keep_residual: bool = False      # infgen, with base_from_codec and warm_start: keep the warm start's
+                                     # residual (the tokens' last layer) instead of zeroing it
+    freeze_encoder: bool = False     # autoencoder: train the decoder only, so the latent space (and every
+                                     # InfGen trained on it) stays the checkpoint's
 
 
 @dataclass
@@ -171,9 +175,12 @@ class TrainConfig:
             raise ValueError("model.init_from takes the architecture from that checkpoint; remove model.overrides")
         if self.model.base_from_codec and (self.kind != "infgen" or self.model.init_from):
             raise ValueError("model.base_from_codec starts a new kind: infgen model (it cannot follow init_from)")
-        if self.kind == "autoencoder" and self.model.warm_start:
-            raise ValueError("model.warm_start is implemented for kind: infgen only; an autoencoder continues "
-                             "from a checkpoint of its own architecture with model.init_from")
+        if self.model.keep_residual and not (self.model.base_from_codec and self.model.warm_start):
+            raise ValueError("model.keep_residual keeps a warm start's residual over a new base: it needs "
+                             "model.base_from_codec and model.warm_start")
+        if self.model.freeze_encoder and (self.kind != "autoencoder" or not (self.model.init_from or self.model.warm_start)):
+            raise ValueError("model.freeze_encoder keeps a trained autoencoder's encoder: it needs kind: "
+                             "autoencoder and model.init_from or model.warm_start")
         if self.kind == "autoencoder" and self.train.gradient_checkpointing:
             raise ValueError("train.gradient_checkpointing is implemented for kind: infgen only")
 
