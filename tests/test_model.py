@@ -435,7 +435,7 @@ def test_resample_equals_crop_of_bicubic_resize(top, left, rows, cols, height, w
 
 
 def base_model_from(ae):
-    cfg = InfGenConfig.preset("tiny", base_channels=ae.config.decoder_channels, base_blocks=ae.config.blocks)
+    cfg = InfGenConfig.preset("tiny", base_channels=ae.config.decoder_channels, base_blocks=ae.config.decoder_depth)
     return InfGen(cfg).eval()
 
 

@@ -216,7 +216,7 @@ def codec_pipe():
     torch.manual_seed(0)
     ae = KLAutoencoder(AutoencoderConfig.preset("tiny")).eval()
     model = InfGen(InfGenConfig.preset("tiny", scaling_factor=1.0, base_channels=ae.config.decoder_channels,
-                                       base_blocks=ae.config.blocks)).eval()
+                                       base_blocks=ae.config.decoder_depth)).eval()
     model.init_base_from(ae.decoder)
     return InfGenPipeline(model, AutoencoderCodec(ae), BundleInfo(train_latent=8, max_scale=2.0, window_margin=2))
 

@@ -185,9 +185,9 @@ def test_base_from_codec_starts_at_codec_plus_bicubic(tmp_path, images, codec_di
     torch.testing.assert_close(model.decode(z, 48, 72), ref.clamp(-1, 1), rtol=0, atol=1e-5)
 
 
-def test_base_from_codec_can_keep_a_warm_starts_residual(tmp_path, codec_dir):
+def test_base_from_codec_can_keep_a_warm_starts_residual_and_freeze_the_base(tmp_path, images):
     """model.keep_residual: a trained InfGen moved onto a deeper decoder of its latent space keeps its
-    tokens' last layer; only the base changes (to the new decoder, exactly)."""
+    tokens' last layer; only the base changes (to the new decoder, exactly). model.freeze_base keeps it so."""
     from infgen.train import build_infgen
     from infgen.codecs import load_codec
     deeper = KLAutoencoder(AutoencoderConfig.preset("tiny", decoder_blocks=2))
@@ -203,6 +203,16 @@ def test_base_from_codec_can_keep_a_warm_starts_residual(tmp_path, codec_dir):
         assert torch.equal(model.decoder.conv_out.weight,
                            trained.decoder.conv_out.weight if keep else torch.zeros_like(model.decoder.conv_out.weight))
         assert all(torch.equal(v, deeper.decoder.state_dict()[k]) for k, v in model.base.state_dict().items())
+    # model.freeze_base: training moves the tokens, never the base (it stays the deeper decoder, exactly)
+    ig = infgen_config(images, tmp_path / "deeper", max_steps=2)
+    ig["model"].update(base_from_codec=True, freeze_base=True)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", ig)), "--output", str(out)]) == 0
+    final = load_file(out / "final" / "model.safetensors")
+    assert all(torch.equal(final[f"base.{k}"], v) for k, v in deeper.decoder.state_dict().items())
+    assert final["decoder.conv_out.weight"].abs().sum() > 0          # zeroed by base_from_codec, then trained
+    with pytest.raises(ValueError, match="model.freeze_base is for kind: infgen"):
+        load_config(None, ["kind=autoencoder", "model.freeze_base=true"])
     with pytest.raises(ValueError, match="model.keep_residual keeps a warm start's residual"):
         load_config(None, ["model.keep_residual=true", "model.base_from_codec=true"])
 

@@ -153,12 +153,14 @@ def build_infgen(cfg: TrainConfig, codec, resuming: bool, say: bool) -> InfGen:
         model = InfGen(InfGenConfig.preset(cfg.model.preset, **{**cfg.model.overrides, **from_codec,
                                                                  **base_shape(cfg, codec)}))
     if cfg.model.warm_start and not resuming:
-        copied, skipped = warm_start(model, cfg.model.warm_start)
-        if say:
-            print(f"infgen train: warm start from {cfg.model.warm_start}: {len(copied)} tensors copied, "
-                  f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
+        warm_start(model, cfg.model.warm_start, say)
     if cfg.model.base_from_codec and not resuming and not cfg.model.init_from:
         model.init_base_from(codec.autoencoder.decoder, keep_residual=cfg.model.keep_residual)
+    if cfg.model.freeze_base:
+        if model.base is None:
+            raise ValueError("model.freeze_base needs a model with a base decoder (model.base_from_codec or "
+                             "model.overrides.base_channels)")
+        model.base.requires_grad_(False)
     model.gradient_checkpointing = cfg.train.gradient_checkpointing
     return model
 
@@ -169,10 +171,7 @@ def build_autoencoder(model_cfg: ModelConfig, resuming: bool, say: bool) -> KLAu
     else:
         model = KLAutoencoder(AutoencoderConfig.preset(model_cfg.preset, **model_cfg.overrides))
     if model_cfg.warm_start and not resuming:
-        copied, skipped = warm_start(model, model_cfg.warm_start)
-        if say:
-            print(f"infgen train: warm start from {model_cfg.warm_start}: {len(copied)} tensors copied, "
-                  f"{len(skipped)} initialised afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
+        warm_start(model, model_cfg.warm_start, say)
     if model_cfg.freeze_encoder:      # the latent space stays the checkpoint's: models trained on it still fit
         model.encoder.requires_grad_(False)
     return model
@@ -211,8 +210,9 @@ def base_shape(cfg: TrainConfig, codec) -> dict:
     return dict(base_channels=ae.config.decoder_channels, base_blocks=ae.config.decoder_depth)
 
 
-def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Copy the tensors of checkpoint `path` whose names and shapes match `module`'s: (copied, skipped)."""
+def warm_start(module: nn.Module, path: str | Path, say: bool = False) -> tuple[list[str], list[str]]:
+    """Copy the tensors of checkpoint `path` whose names and shapes match `module`'s: (copied, skipped);
+    `say`: print both lists."""
     from .checkpoint import WEIGHTS_NAME
     state = load_safetensors(Path(path) / WEIGHTS_NAME)
     own = module.state_dict()
@@ -220,6 +220,9 @@ def warm_start(module: nn.Module, path: str | Path) -> tuple[list[str], list[str
     skipped = sorted(set(own) - set(copied))
     module.load_state_dict({k: state[k] for k in copied}, strict=False)
     grow_identity(module, set(skipped))
+    if say:
+        print(f"infgen train: warm start from {path}: {len(copied)} tensors copied, {len(skipped)} initialised "
+              f"afresh ({', '.join(skipped) or 'none'})", file=sys.stderr)
     return copied, skipped
 
 

@@ -31,6 +31,8 @@ class ModelConfig:
                                      # training starts at codec + bicubic (InfGen.init_base_from)
     keep_residual: bool = False      # infgen, with base_from_codec and warm_start: keep the warm start's
                                      # residual (the tokens' last layer) instead of zeroing it
+    freeze_base: bool = False        # infgen: the base decoder is not trained (it stays the codec's decoder,
+                                     # exactly; the tokens learn only the residual)
     freeze_encoder: bool = False     # autoencoder: train the decoder only, so the latent space (and every
                                      # InfGen trained on it) stays the checkpoint's
 
@@ -178,6 +180,9 @@ class TrainConfig:
         if self.model.keep_residual and not (self.model.base_from_codec and self.model.warm_start):
             raise ValueError("model.keep_residual keeps a warm start's residual over a new base: it needs "
                              "model.base_from_codec and model.warm_start")
+        if self.model.freeze_base and self.kind != "infgen":
+            raise ValueError("model.freeze_base is for kind: infgen (its base decoder); an autoencoder has "
+                             "model.freeze_encoder")
         if self.model.freeze_encoder and (self.kind != "autoencoder" or not (self.model.init_from or self.model.warm_start)):
             raise ValueError("model.freeze_encoder keeps a trained autoencoder's encoder: it needs kind: "
                              "autoencoder and model.init_from or model.warm_start")
