@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -52,13 +53,27 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        with open(tmp, "r+b") as f:
+            _sort_header(f)
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _sort_header(f) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place: safetensors writes the metadata
+    from a hash map, so the same tensors saved twice could differ in bytes (and git would store a bundle's
+    unchanged codec again). Same content, same compact form, so never longer; padded with spaces as the
+    format allows. The tensors' offsets count from the header's end, so they stay valid."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) <= n:
+        f.seek(8)
+        f.write(text.ljust(n))
 
 
 def read_json(path: Path) -> dict:
