@@ -86,7 +86,7 @@ class InfGen(nn.Module):
             first = (bad or sorted(set(src) ^ set(dst)))[0]
             raise ValueError(f"the codec's decoder does not match base_channels={self.config.base_channels}, "
                              f"base_blocks={self.config.base_blocks} (first mismatch: {first}); "
-                             "set them to the codec's decoder_channels and blocks")
+                             "set them to the codec's decoder_channels and decoder_depth")
         self.base.load_state_dict(src)
         if not keep_residual:
             nn.init.zeros_(self.decoder.conv_out.weight)
