@@ -25,6 +25,7 @@ from torch import nn
 from infgen.codecs import load_codec
 from infgen.evaluate import validation_pairs
 from infgen.images import open_rgb, pil_to_tensor
+from infgen.metrics import psnr
 from infgen.pipeline import InfGenPipeline
 
 
@@ -60,10 +61,9 @@ def bicubic2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean over images of PSNR on [0, 1] pixels."""
-    mse = ((x.clamp(-1, 1) - y) * 0.5).pow(2).flatten(1).mean(1)
-    return (-10 * torch.log10(mse)).mean().item()
+def mean_psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over images of PSNR (dB) of x against y, both in [-1, 1] (as training's val_psnr)."""
+    return psnr(x.clamp(-1, 1) * 0.5 + 0.5, y * 0.5 + 0.5).mean().item()
 
 
 class ResBlock(nn.Module):
@@ -107,7 +107,7 @@ def main() -> None:
     val = validation_pairs(split_photos(args.photos, "val"), 256, 2)
     val_decoded, val_gt = decode(codec, torch.cat([p[0] for p in val])), torch.cat([p[1] for p in val])
     print(f"{len(inputs)} training pairs; 2x on {len(val)} validation photos: codec + bicubic "
-          f"{psnr(bicubic2x(val_decoded), val_gt):.3f} dB", flush=True)
+          f"{mean_psnr(bicubic2x(val_decoded), val_gt):.3f} dB", flush=True)
 
     net = Upscaler(args.channels, args.blocks).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.0)
@@ -130,7 +130,7 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 out = torch.cat([net(val_decoded[k:k + 5]).float() for k in range(0, len(val_decoded), 5)])
-            print(f"step {step}: 2x {psnr(out, val_gt):.3f} dB "
+            print(f"step {step}: 2x {mean_psnr(out, val_gt):.3f} dB "
                   f"({(time.perf_counter() - t0) / step:.2f} s a step)", flush=True)
 
 
